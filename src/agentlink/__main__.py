@@ -1,0 +1,3 @@
+from agentlink.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""BaseAgent: what an agent author subclasses, and the system's one health implementation.
+
+A subclass writes `handle(request)` and, if it has something of its own to check,
+`check_health()`. Sockets, the registry, dependency waits, heartbeats and metrics belong to
+the agent host; an agent reaches other agents with `self.call()` and shared state with
+`self.state`, so it can be tested with no ZeroMQ or Redis at all (see agentlink.testing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+State = Literal["starting", "healthy", "degraded", "unhealthy"]
+CheckStatus = Literal["ok", "degraded", "failed"]
+_RANK: dict[str, int] = {"ok": 0, "degraded": 1, "failed": 2}
+
+
+class Degraded(str):
+    """Return this from check_health() for a check that is impaired but still serving."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: CheckStatus
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Health:
+    state: State
+    checks: tuple[Check, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state,
+                "checks": [{"name": c.name, "status": c.status, "detail": c.detail}
+                           for c in self.checks]}
+
+
+def evaluate(checks: list[Check], starting: bool) -> Health:
+    """The state from named checks: any failed is unhealthy, any degraded is degraded."""
+    worst = max((_RANK[c.status] for c in checks), default=0)
+    if worst == 2:
+        state: State = "unhealthy"
+    elif starting:
+        state = "starting"
+    else:
+        state = "degraded" if worst == 1 else "healthy"
+    return Health(state, tuple(checks))
+
+
+def checks_of(agent: BaseAgent) -> list[Check]:
+    """Run the agent's own checks; a check that raises is a failed check, not a crash."""
+    try:
+        results = agent.check_health()
+    except Exception as err:
+        return [Check("check_health", "failed", f"{type(err).__name__}: {err}")]
+    checks = []
+    for name, value in results.items():
+        if isinstance(value, Degraded):
+            checks.append(Check(name, "degraded", str(value)))
+        else:
+            checks.append(Check(name, "ok" if value else "failed"))
+    return checks
+
+
+class Caller(Protocol):
+    def __call__(self, agent: str, payload: Any, key: str | None = None,
+                 timeout: float | None = None) -> Any: ...
+
+
+class StateStore(Protocol):
+    """Key/value state shared by all replicas of one agent."""
+
+    def get(self, key: str) -> Any: ...
+    def put(self, key: str, value: Any) -> None: ...
+    def delete(self, key: str) -> None: ...
+
+
+class MemoryState:
+    """A StateStore in a dict, for tests of an agent's handle()."""
+
+    def __init__(self, data: MutableMapping[str, str] | None = None) -> None:
+        self.data = data if data is not None else {}
+
+    def get(self, key: str) -> Any:
+        value = self.data.get(key)
+        return None if value is None else json.loads(value)
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = json.dumps(value)
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+
+@dataclass
+class AgentContext:
+    """What the host hands an agent: identity, options, and its ways out."""
+
+    name: str
+    instance: str
+    machine: str = "local"
+    options: dict[str, Any] = field(default_factory=dict)
+    call: Caller | None = None
+    state: StateStore = field(default_factory=MemoryState)
+    stats: Callable[[], dict[str, Any]] | None = None
+
+
+class BaseAgent:
+    def __init__(self, context: AgentContext) -> None:
+        self.context = context
+        self.name = context.name
+        self.instance = context.instance
+        self.options = context.options
+        self.state = context.state
+        self.log = logging.getLogger(f"agentlink.agent.{context.instance}")
+
+    def handle(self, request: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement handle()")
+
+    def check_health(self) -> dict[str, bool | Degraded]:
+        """Named checks of the agent's own: True ok, False failed, Degraded('why') impaired."""
+        return {}
+
+    def call(self, agent: str, payload: Any, key: str | None = None,
+             timeout: float | None = None) -> Any:
+        """Call another agent by name through the failover client."""
+        if self.context.call is None:
+            raise RuntimeError(f"{self.instance} has no way to call {agent} (no client given)")
+        return self.context.call(agent, payload, key=key, timeout=timeout)

@@ -1,0 +1,107 @@
+"""The failover client: call an agent by name, never by address.
+
+Instances come from the registry (briefly cached). Stateless agents are tried round-robin;
+stateful ones in a stable order per key (rendezvous hashing), so a key sticks to one replica
+while it lives and moves to the same next one for every caller when it dies. A timeout or a
+retryable error marks the instance for a cool-down and the next one is tried, all within the
+request's one deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+import time
+from typing import Any
+
+from agentlink import protocol
+from agentlink.pool import Pool, RequestTimeout, get_pool
+from agentlink.registry import InstanceRecord, Registry
+
+
+class NoInstance(Exception):
+    """No instance of the agent answered within the request's deadline."""
+
+
+def rendezvous_order(key: str, instances: list[InstanceRecord]) -> list[InstanceRecord]:
+    def weight(rec: InstanceRecord) -> bytes:
+        return hashlib.blake2b(f"{key}|{rec.instance}".encode(), digest_size=8).digest()
+
+    return sorted(instances, key=weight, reverse=True)
+
+
+class FailoverClient:
+    def __init__(self, registry: Registry, pool: Pool | None = None, *,
+                 refresh: float = 0.5, attempt_timeout: float = 1.0, cooldown: float = 2.0,
+                 stateful: set[str] | None = None) -> None:
+        self.registry = registry
+        self.pool = pool or get_pool()
+        self.refresh = refresh
+        self.attempt_timeout = attempt_timeout
+        self.cooldown = cooldown
+        self.stateful = stateful or set()
+        self.failovers = 0
+        self._instances: dict[str, tuple[float, list[InstanceRecord]]] = {}
+        self._suspect: dict[str, float] = {}
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def _discover(self, agent: str, force: bool = False) -> list[InstanceRecord]:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._instances.get(agent)
+        if cached and not force and now - cached[0] < self.refresh:
+            return cached[1]
+        found = self.registry.discover(agent)
+        with self._lock:
+            self._instances[agent] = (now, found)
+        return found
+
+    def _order(self, agent: str, instances: list[InstanceRecord], key: str | None
+               ) -> list[InstanceRecord]:
+        if key is not None and agent in self.stateful:
+            ordered = rendezvous_order(key, instances)
+        else:
+            ordered = sorted(instances, key=lambda r: r.instance)
+            if ordered:
+                start = next(self._turn) % len(ordered)
+                ordered = ordered[start:] + ordered[:start]
+        now = time.monotonic()
+        with self._lock:
+            suspect = {i for i, until in self._suspect.items() if until > now}
+        # Suspects go last, not away: when all are suspect, still try them.
+        return [r for r in ordered if r.instance not in suspect] + \
+               [r for r in ordered if r.instance in suspect]
+
+    def _mark(self, rec: InstanceRecord) -> None:
+        with self._lock:
+            self._suspect[rec.instance] = time.monotonic() + self.cooldown
+            self.failovers += 1
+
+    def call(self, agent: str, payload: Any, key: str | None = None,
+             timeout: float | None = None) -> Any:
+        deadline = time.monotonic() + (timeout or 5.0)
+        last_error = "no instance registered"
+        frames = protocol.encode_request(agent, payload)
+        force = False
+        while time.monotonic() < deadline:
+            candidates = self._order(agent, self._discover(agent, force), key)
+            for rec in candidates:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    reply = self.pool.request(rec.endpoint, frames,
+                                              timeout=min(self.attempt_timeout, remaining))
+                    return protocol.decode_reply(reply)
+                except RequestTimeout:
+                    last_error = f"{rec.instance} at {rec.endpoint} timed out"
+                except protocol.RemoteError as err:
+                    if err.code not in protocol.RETRYABLE:
+                        raise
+                    last_error = f"{rec.instance}: {err}"
+                self._mark(rec)
+            force = True
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+        raise NoInstance(f"{agent}: no instance answered in time ({last_error})")

@@ -1,0 +1,108 @@
+"""Startup configs: rendered per machine from the topology, read by each agent host.
+
+Addresses never live in the topology. A rendered config names them as `${VAR:-default}`
+and the host expands them from its environment at start, so the same file serves the lab and
+two real machines; the defaults are whatever the inventory put there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agentlink.host import HostConfig, InstanceSpec
+from agentlink.topology import Topology
+
+_VAR = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
+
+
+class ConfigError(Exception):
+    pass
+
+
+def expand(text: str, env: Mapping[str, str] | None = None) -> str:
+    """Expand ${VAR} and ${VAR:-default}; an unset VAR without a default is an error."""
+    env = os.environ if env is None else env
+
+    def value(match: re.Match[str]) -> str:
+        name, default = match.group("name"), match.group("default")
+        if env.get(name):
+            return env[name]
+        if default is None:
+            raise ConfigError(f"environment variable {name} is not set and has no default")
+        return default
+
+    return _VAR.sub(value, text)
+
+
+def host_var(machine: str) -> str:
+    """The environment variable that holds a machine's address: pc2 -> PC2_HOST."""
+    return f"{machine.upper().replace('-', '_')}_HOST"
+
+
+def render_startup_config(topology: Topology, machine: str,
+                          addresses: Mapping[str, str], redis: Mapping[str, Any],
+                          registry: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The startup config of one machine: its groups, with addresses as ${VAR:-default}.
+
+    `addresses` maps each machine to its default address (from inventory); `redis` is
+    `{"url": ...}` or `{"sentinels": [...], "service": ...}` and may use ${VAR} itself.
+    """
+    groups: dict[str, Any] = {}
+    for group in topology.groups.values():
+        if group.machine != machine:
+            continue
+        groups[group.name] = {
+            "port": group.port,
+            "http_port": group.http_port,
+            "memory_mb": group.memory_mb,
+            "cpus": round(group.cpus, 3),
+            "instances": [
+                {"agent": i.agent.name, "instance": i.id, "class": i.agent.cls,
+                 "depends_on": list(i.agent.depends_on),
+                 "health_timeout": i.agent.health_timeout, "options": i.agent.options}
+                for i in group.instances
+            ],
+        }
+    var = host_var(machine)
+    return {
+        "machine": machine,
+        "advertise_host": f"${{{var}:-{addresses[machine]}}}",
+        "redis": dict(redis),
+        "registry": dict(registry or {"ttl": 6.0, "heartbeat": 2.0}),
+        "stateful_agents": sorted(a.name for a in topology.agents.values() if a.stateful),
+        "groups": groups,
+    }
+
+
+def write_startup_config(config: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def load_host_config(path: str | Path, group: str,
+                     env: Mapping[str, str] | None = None) -> HostConfig:
+    """Read a startup config (expanding ${VAR}) and pick one group's host settings."""
+    doc = yaml.safe_load(expand(Path(path).read_text(), env))
+    groups = doc.get("groups") or {}
+    if group not in groups:
+        known = ", ".join(groups) or "none"
+        raise ConfigError(f"group {group!r} is not in {path} (groups there: {known})")
+    g = groups[group]
+    registry = doc.get("registry") or {}
+    return HostConfig(
+        group=group, machine=doc["machine"], port=int(g["port"]),
+        http_port=int(g["http_port"]), advertise_host=str(doc["advertise_host"]),
+        redis=doc["redis"], stateful_agents=list(doc.get("stateful_agents") or []),
+        instances=[InstanceSpec(agent=i["agent"], instance=i["instance"], cls=i["class"],
+                                depends_on=list(i.get("depends_on") or []),
+                                health_timeout=float(i.get("health_timeout", 15)),
+                                options=dict(i.get("options") or {}))
+                   for i in g["instances"]],
+        ttl=float(registry.get("ttl", 6.0)), heartbeat=float(registry.get("heartbeat", 2.0)),
+    )

@@ -1,0 +1,358 @@
+"""The agent host: one process runs one group of agents.
+
+One ZeroMQ context (the pool's), one ROUTER port shared by the group's agents with messages
+routed by agent name, and one HTTP port for /health and /metrics. Requests run on a bounded
+worker pool; replies go back to the ROUTER thread over an inproc socket, because a ZeroMQ
+socket belongs to one thread. One supervisor thread waits for every agent's dependencies,
+evaluates health and heartbeats the registry for the whole group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import redis
+import zmq
+
+from agentlink import protocol
+from agentlink.agent import AgentContext, BaseAgent, Check, Health, checks_of, evaluate
+from agentlink.client import FailoverClient
+from agentlink.metrics import HostMetrics
+from agentlink.pool import get_pool
+from agentlink.registry import InstanceRecord, Registry, redis_client
+
+log = logging.getLogger("agentlink.host")
+
+
+@dataclass
+class InstanceSpec:
+    agent: str
+    instance: str
+    cls: str
+    depends_on: list[str] = field(default_factory=list)
+    health_timeout: float = 15.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HostConfig:
+    group: str
+    machine: str
+    port: int
+    http_port: int
+    advertise_host: str
+    redis: dict[str, Any]
+    instances: list[InstanceSpec]
+    stateful_agents: list[str] = field(default_factory=list)
+    ttl: float = 6.0
+    heartbeat: float = 2.0
+    workers: int = 8
+    stop_deadline: float = 10.0
+
+
+class RedisState:
+    """An agent's state in one Redis hash, shared by all its replicas."""
+
+    def __init__(self, client: redis.Redis, agent: str) -> None:
+        self.client = client
+        self.key = f"agentlink:state:{agent}"
+
+    def get(self, key: str) -> Any:
+        value = self.client.hget(self.key, key)
+        return None if value is None else json.loads(value)
+
+    def put(self, key: str, value: Any) -> None:
+        self.client.hset(self.key, key, json.dumps(value))
+
+    def delete(self, key: str) -> None:
+        self.client.hdel(self.key, key)
+
+
+def load_class(path: str) -> type[BaseAgent]:
+    module, _, name = path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, BaseAgent)):
+        raise TypeError(f"{path} is not a BaseAgent subclass")
+    return cls
+
+
+class _Slot:
+    """One hosted instance: the agent object and its lifecycle facts."""
+
+    def __init__(self, spec: InstanceSpec, agent: BaseAgent, record: InstanceRecord) -> None:
+        self.spec = spec
+        self.agent = agent
+        self.record = record
+        self.ready = not spec.depends_on
+        self.waiting_for: list[str] = list(spec.depends_on)
+
+
+class AgentHost:
+    def __init__(self, config: HostConfig, redis_conn: redis.Redis | None = None) -> None:
+        self.config = config
+        self.pool = get_pool()
+        self.redis = redis_conn or redis_client(config.redis)
+        self.registry = Registry(self.redis, ttl=config.ttl)
+        self.client = FailoverClient(self.registry, self.pool,
+                                     stateful=set(config.stateful_agents))
+        self.metrics = HostMetrics(self)
+        self.slots = {spec.agent: self._make_slot(spec) for spec in config.instances}
+        self.started_at = 0.0
+        self.stopping = threading.Event()
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix=config.group)
+        self._reply_addr = f"inproc://replies-{id(self)}"
+        self._local = threading.local()
+        self._pushers: list[zmq.Socket[bytes]] = []
+        self._threads: list[threading.Thread] = []
+        self._router: zmq.Socket[bytes] | None = None
+        self._http: ThreadingHTTPServer | None = None
+        self._io_done = threading.Event()
+
+    def _make_slot(self, spec: InstanceSpec) -> _Slot:
+        cfg = self.config
+        context = AgentContext(
+            name=spec.agent, instance=spec.instance, machine=cfg.machine, options=spec.options,
+            call=self.client.call, state=RedisState(self.redis, spec.agent),
+            stats=self.metrics.snapshot)
+        record = InstanceRecord(
+            agent=spec.agent, instance=spec.instance, machine=cfg.machine, group=cfg.group,
+            endpoint=f"tcp://{cfg.advertise_host}:{cfg.port}",
+            http=f"http://{cfg.advertise_host}:{cfg.http_port}")
+        return _Slot(spec, load_class(spec.cls)(context), record)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind both ports (failing here if either is taken), then serve in threads."""
+        ctx = self.pool.context
+        self._router = ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(f"tcp://*:{self.config.port}")
+        self._replies = ctx.socket(zmq.PULL)
+        self._replies.bind(self._reply_addr)
+        self._http = ThreadingHTTPServer(("", self.config.http_port), _http_handler(self))
+        self._http.daemon_threads = True
+        for slot in self.slots.values():
+            slot.record.pid = os.getpid()
+        self.started_at = time.monotonic()
+        for target, name in ((self._serve_zmq, "zmq"), (self._http.serve_forever, "http"),
+                             (self._supervise, "supervisor")):
+            thread = threading.Thread(target=target, name=f"{self.config.group}-{name}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("group %s serving %d agent(s) on ports %d/%d", self.config.group,
+                 len(self.slots), self.config.port, self.config.http_port)
+
+    def stop(self) -> None:
+        """Deregister, refuse new work, let in-flight requests finish within the deadline."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self.registry.deregister([s.record for s in self.slots.values()])
+        deadline = time.monotonic() + self.config.stop_deadline
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._inflight:
+            log.warning("stopping with %d request(s) still running", self._inflight)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._io_done.wait(2.0)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        for sock in self._pushers:
+            sock.close(linger=0)
+        self.pool.close()
+        log.info("group %s stopped", self.config.group)
+
+    # --- health --------------------------------------------------------------------------
+
+    def instance_health(self, slot: _Slot) -> Health:
+        checks: list[Check] = []
+        if not slot.ready:
+            waited = time.monotonic() - self.started_at
+            if waited > slot.spec.health_timeout:
+                checks.append(Check("dependencies", "failed",
+                                    f"not healthy after {slot.spec.health_timeout:g}s: "
+                                    + ", ".join(slot.waiting_for)))
+            else:
+                checks.append(Check("dependencies", "ok",
+                                    "waiting for " + ", ".join(slot.waiting_for)))
+        if self.stopping.is_set():
+            checks.append(Check("lifecycle", "failed", "stopping"))
+        if not self.registry.available:
+            checks.append(Check("registry", "degraded", self.registry.last_error))
+        if slot.ready:
+            checks.extend(checks_of(slot.agent))
+        return evaluate(checks, starting=not slot.ready)
+
+    def health(self) -> dict[str, Any]:
+        agents = {s.spec.instance: {"agent": s.spec.agent, **self.instance_health(s).to_dict()}
+                  for s in self.slots.values()}
+        states = {a["state"] for a in agents.values()}
+        state = next((s for s in ("unhealthy", "starting", "degraded") if s in states), "healthy")
+        return {"group": self.config.group, "machine": self.config.machine, "state": state,
+                "agents": agents}
+
+    def _supervise(self) -> None:
+        """Wait for dependencies, keep the registry current; fast while anything starts."""
+        last_beat = 0.0
+        while not self.stopping.is_set():
+            self._resolve_dependencies()
+            changed = False
+            for slot in self.slots.values():
+                state = self.instance_health(slot).state
+                changed |= state != slot.record.state
+                slot.record.state = state
+            now = time.monotonic()
+            due = changed or now - last_beat >= self.config.heartbeat
+            # While Redis is away, retry every round: re-registering is how we come back.
+            if (due or not self.registry.available) and self.registry.register(
+                    [s.record for s in self.slots.values()]):
+                last_beat = now
+            starting = any(not s.ready for s in self.slots.values())
+            self.stopping.wait(0.05 if starting else min(0.5, self.config.heartbeat))
+
+    def _resolve_dependencies(self) -> None:
+        for slot in self.slots.values():
+            if slot.ready:
+                continue
+            slot.waiting_for = [d for d in slot.spec.depends_on if not self._dependency_up(d)]
+            slot.ready = not slot.waiting_for
+
+    def _dependency_up(self, agent: str) -> bool:
+        local = self.slots.get(agent)
+        if local is not None and local.record.state in ("healthy", "degraded"):
+            return True
+        return bool(self.registry.discover(agent))
+
+    # --- requests ------------------------------------------------------------------------
+
+    def _serve_zmq(self) -> None:
+        assert self._router is not None
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._replies, zmq.POLLIN)
+        try:
+            while not (self.stopping.is_set() and self._inflight == 0):
+                for sock, _ in poller.poll(50):
+                    if sock is self._router:
+                        self._dispatch(self._router.recv_multipart())
+                    else:
+                        self._router.send_multipart(self._replies.recv_multipart())
+        finally:
+            self._router.close(linger=0)
+            self._replies.close(linger=0)
+            self._io_done.set()
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        assert self._router is not None
+        if len(frames) != 4 or frames[1] != b"":
+            self.metrics.rejected("?", protocol.BAD_REQUEST)
+            self._router.send_multipart([frames[0], b"", protocol.error(
+                protocol.BAD_REQUEST, "expected frames: agent name, JSON body")])
+            return
+        ident, _, target, body = frames
+        name = target.decode(errors="replace")
+        slot = self.slots.get(name)
+        if slot is None or self.stopping.is_set() or not slot.ready:
+            code = protocol.UNKNOWN_AGENT if slot is None else protocol.UNAVAILABLE
+            self.metrics.rejected(name, code)
+            self._router.send_multipart([ident, b"", protocol.error(
+                code, f"{name} is not served by group {self.config.group}"
+                if slot is None else f"{name} is not accepting requests")])
+            return
+        with self._inflight_lock:
+            self._inflight += 1
+        self._executor.submit(self._work, ident, slot, body)
+
+    def _work(self, ident: bytes, slot: _Slot, body: bytes) -> None:
+        started = time.perf_counter()
+        try:
+            reply = protocol.ok(slot.agent.handle(json.loads(body)))
+            code = ""
+        except ValueError as err:
+            code, reply = protocol.BAD_REQUEST, protocol.error(protocol.BAD_REQUEST, str(err))
+        except Exception as err:
+            log.warning("%s failed: %s: %s", slot.spec.instance, type(err).__name__, err)
+            code = protocol.HANDLER_ERROR
+            reply = protocol.error(code, f"{type(err).__name__}: {err}")
+        self.metrics.observe(slot.spec.agent, time.perf_counter() - started, code)
+        try:
+            self._pusher().send_multipart([ident, b"", reply])
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+
+    def _pusher(self) -> zmq.Socket[bytes]:
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self.pool.context.socket(zmq.PUSH)
+            sock.connect(self._reply_addr)
+            self._local.push = sock
+            self._pushers.append(sock)
+        return sock
+
+
+def _http_handler(host: AgentHost) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                body, ctype, status = host.metrics.render(), "text/plain; version=0.0.4", 200
+            elif self.path.rstrip("/") == "/health" or self.path.startswith("/health/"):
+                body, status = self._health(self.path[len("/health/"):])
+                ctype = "application/json"
+            else:
+                body, ctype, status = b'{"error": "not found"}', "application/json", 404
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _health(self, name: str) -> tuple[bytes, int]:
+            report = host.health()
+            if name:
+                match = [v | {"instance": k} for k, v in report["agents"].items()
+                         if name in (k, v["agent"])]
+                if not match:
+                    return b'{"error": "unknown agent"}', 404
+                report = match[0]
+            status = 200 if report["state"] in ("healthy", "degraded") else 503
+            return json.dumps(report).encode(), status
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return  # health polls are frequent; access logs would drown the real ones
+
+    return Handler
+
+
+def run(config: HostConfig) -> int:
+    """Run a host until SIGTERM or SIGINT, then stop gracefully."""
+    import signal
+
+    host = AgentHost(config)
+    try:
+        host.start()
+    except (zmq.ZMQError, OSError) as err:
+        log.error("group %s cannot start: %s (is another process on port %d or %d?)",
+                  config.group, err, config.port, config.http_port)
+        return 1
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    host.stop()
+    return 0
+

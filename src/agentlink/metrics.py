@@ -1,0 +1,93 @@
+"""Prometheus metrics of one agent host (`/metrics`), named by Prometheus conventions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from agentlink.host import AgentHost
+
+STATES = ("starting", "healthy", "degraded", "unhealthy")
+
+
+class _LiveCollector(Collector):
+    """Values read at scrape time: health, process resources, pool and registry."""
+
+    def __init__(self, host: AgentHost) -> None:
+        self.host = host
+        self.process = psutil.Process()
+
+    def collect(self) -> Iterator[Metric]:
+        health = GaugeMetricFamily("agentlink_agent_health",
+                                   "1 for the instance's current health state",
+                                   labels=["agent", "instance", "group", "state"])
+        for slot in self.host.slots.values():
+            for state in STATES:
+                health.add_metric([slot.spec.agent, slot.spec.instance, self.host.config.group,
+                                   state], 1.0 if slot.record.state == state else 0.0)
+        yield health
+        group = [self.host.config.group]
+        memory = GaugeMetricFamily("agentlink_process_resident_memory_bytes",
+                                   "Resident memory of the agent host process", labels=["group"])
+        memory.add_metric(group, float(self.process.memory_info().rss))
+        yield memory
+        cpu = CounterMetricFamily("agentlink_process_cpu_seconds",
+                                  "CPU time of the agent host process", labels=["group"])
+        times = self.process.cpu_times()
+        cpu.add_metric(group, times.user + times.system)
+        yield cpu
+        stats = self.host.pool.stats
+        yield GaugeMetricFamily("agentlink_pool_sockets", "Open pooled client sockets",
+                                value=stats.sockets)
+        yield CounterMetricFamily("agentlink_pool_reconnects", "Sockets recreated after a timeout",
+                                  value=stats.reconnects)
+        yield CounterMetricFamily("agentlink_pool_timeouts", "Pooled requests that timed out",
+                                  value=stats.timeouts)
+        registry = self.host.registry
+        yield CounterMetricFamily("agentlink_registry_heartbeats",
+                                  "Heartbeats written to the registry", value=registry.heartbeats)
+        age = time.time() - registry.last_success if registry.last_success else float("nan")
+        yield GaugeMetricFamily("agentlink_registry_heartbeat_age_seconds",
+                                "Seconds since the registry last answered", value=age)
+        yield GaugeMetricFamily("agentlink_registry_up", "1 when Redis answers",
+                                value=1.0 if registry.available else 0.0)
+
+
+class HostMetrics:
+    def __init__(self, host: AgentHost) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("agentlink_requests", "Requests handled", ["agent"],
+                                registry=self.registry)
+        self.errors = Counter("agentlink_request_errors", "Requests answered with an error",
+                              ["agent", "code"], registry=self.registry)
+        self.duration = Histogram("agentlink_request_duration_seconds", "Time in handle()",
+                                  ["agent"], registry=self.registry,
+                                  buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
+                                           1, 2.5, 5))
+        self.registry.register(_LiveCollector(host))
+        self._host = host
+
+    def observe(self, agent: str, seconds: float, error_code: str) -> None:
+        self.requests.labels(agent).inc()
+        self.duration.labels(agent).observe(seconds)
+        if error_code:
+            self.errors.labels(agent, error_code).inc()
+
+    def rejected(self, agent: str, code: str) -> None:
+        self.errors.labels(agent, code).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Figures an agent may report about its own process (used by the monitoring agents)."""
+        process = psutil.Process()
+        return {"group": self._host.config.group, "rss_bytes": process.memory_info().rss,
+                "pool": vars(self._host.pool.stats).copy()}

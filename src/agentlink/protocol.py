@@ -1,0 +1,52 @@
+"""The wire format between a client and an agent host.
+
+A request is two frames after the DEALER/ROUTER envelope: the target agent's name and a JSON
+body. A reply is one JSON frame: {"ok": true, "result": ...} or {"ok": false, "code", "error"}.
+Codes tell the client whether another instance may be tried: only codes in RETRYABLE mean the
+request was not processed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+UNKNOWN_AGENT = "unknown_agent"
+UNAVAILABLE = "unavailable"  # host stopping or instance draining: not processed, try another
+BAD_REQUEST = "bad_request"
+HANDLER_ERROR = "handler_error"
+RETRYABLE = frozenset({UNKNOWN_AGENT, UNAVAILABLE})
+
+
+class RemoteError(Exception):
+    """The agent answered with an error; `code` says which kind."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def encode_request(agent: str, payload: Any) -> list[bytes]:
+    return [agent.encode(), json.dumps(payload, separators=(",", ":")).encode()]
+
+
+def ok(result: Any) -> bytes:
+    return json.dumps({"ok": True, "result": result}, separators=(",", ":")).encode()
+
+
+def error(code: str, message: str) -> bytes:
+    return json.dumps({"ok": False, "code": code, "error": message}).encode()
+
+
+def decode_reply(frames: list[bytes]) -> Any:
+    """The result of a reply, or RemoteError for an error reply or a malformed one."""
+    try:
+        reply = json.loads(frames[-1])
+    except (IndexError, ValueError) as err:
+        raise RemoteError(BAD_REQUEST, f"malformed reply: {err}") from err
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise RemoteError(BAD_REQUEST, "malformed reply")
+    if reply["ok"]:
+        return reply.get("result")
+    raise RemoteError(str(reply.get("code", HANDLER_ERROR)), str(reply.get("error", "")))
