@@ -1,0 +1,207 @@
+"""Runtime benchmarks, measured side by side in one run on this machine.
+
+1. Request round trip to a real agent host process, three ways: the pooled failover client,
+   a raw pyzmq REQ socket kept open, and a new context and socket per request (the old
+   pattern); plus raw REQ/REP against a bare echo server, the floor of pyzmq itself.
+2. Resident memory of one agent host process hosting 1, 10 and 40 agents.
+3. `agentlink up` of the reference topology to all instances healthy, and its memory.
+
+Run: `make bench-runtime` (or `.venv/bin/python bench/runtime.py [--json FILE]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+import zmq
+
+from agentlink import protocol
+from agentlink.client import FailoverClient
+from agentlink.config import render_startup_config, write_startup_config
+from agentlink.local import LocalLab, fetch_health
+from agentlink.redis_server import RedisServer
+from agentlink.registry import Registry, redis_client
+from agentlink.testing import free_ports
+from agentlink.topology import load
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = "agentlink.reference.workers:Worker"
+REQUEST = {"text": "the quick brown fox jumps over the lazy dog", "hops": 0}
+
+
+def _echo_server(port: int) -> None:
+    sock = zmq.Context().socket(zmq.REP)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    while True:
+        sock.send(sock.recv())
+
+
+@contextmanager
+def agent_host(workdir: Path, redis_url: str, agents: int) -> Iterator[tuple[psutil.Process, str]]:
+    """One real `agentlink run` process hosting `agents` workers; yields it and its endpoint."""
+    port = free_ports(2)[0]
+    topology_file = workdir / f"bench-{agents}.yml"
+    topology_file.write_text(yaml.safe_dump({
+        "machines": {"bench": {}},
+        "agents": [{"name": f"Worker{n}", "class": WORKER, "machine": "bench", "group": "bench",
+                    "port": port, "options": {"kind": "stats"}} for n in range(agents)]}))
+    config = workdir / f"bench-{agents}.yaml"
+    write_startup_config(render_startup_config(load(topology_file), "bench",
+                                               {"bench": "127.0.0.1"}, {"url": redis_url}),
+                         config)
+    log = (workdir / f"bench-{agents}.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "agentlink", "run", "--config", str(config),
+                             "--group", "bench"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while (fetch_health(f"http://127.0.0.1:{port + 1}") or {}).get("state") != "healthy":
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"bench host with {agents} agents did not start: see {log.name}")
+            time.sleep(0.05)
+        yield psutil.Process(proc.pid), f"tcp://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+def per_call_us(call: Callable[[], Any], count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        call()
+    return (time.perf_counter() - started) / count * 1e6
+
+
+def round_trips(workdir: Path, redis_url: str, count: int, rounds: int) -> dict[str, float]:
+    echo_port = free_ports(1)[0]
+    echo = multiprocessing.Process(target=_echo_server, args=(echo_port,), daemon=True)
+    echo.start()
+    body = json.dumps(REQUEST).encode()
+    with agent_host(workdir, redis_url, 1) as (_, endpoint):
+        ctx = zmq.Context()
+        raw_echo = ctx.socket(zmq.REQ)
+        raw_echo.connect(f"tcp://127.0.0.1:{echo_port}")
+        raw_host = ctx.socket(zmq.REQ)
+        raw_host.connect(endpoint)
+        client = FailoverClient(Registry(redis_client({"url": redis_url})))
+
+        def echo_call() -> None:
+            raw_echo.send(body)
+            raw_echo.recv()
+
+        def raw_call() -> None:
+            raw_host.send_multipart([b"Worker0", body])
+            protocol.decode_reply(raw_host.recv_multipart())
+
+        def pooled_call() -> None:
+            client.call("Worker0", REQUEST)
+
+        def new_context_call() -> None:
+            fresh = zmq.Context()
+            sock = fresh.socket(zmq.REQ)
+            sock.connect(endpoint)
+            sock.send_multipart([b"Worker0", body])
+            protocol.decode_reply(sock.recv_multipart())
+            sock.close(linger=0)
+            fresh.term()
+
+        ways = {"raw pyzmq REQ/REP, bare echo server": echo_call,
+                "raw pyzmq REQ socket kept open": raw_call,
+                "pooled failover client": pooled_call,
+                "new context and socket per request": new_context_call}
+        samples: dict[str, list[float]] = {name: [] for name in ways}
+        for name, call in ways.items():  # warm up every path first
+            per_call_us(call, 50)
+        for _ in range(rounds):  # interleaved, so drift hits every way alike
+            for name, call in ways.items():
+                samples[name].append(per_call_us(call, count))
+        ctx.destroy(linger=0)
+    echo.terminate()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def host_memory(workdir: Path, redis_url: str, sizes: tuple[int, ...]) -> dict[int, float]:
+    client = FailoverClient(Registry(redis_client({"url": redis_url})))
+    result = {}
+    for size in sizes:
+        with agent_host(workdir, redis_url, size) as (proc, _):
+            for n in range(size):  # touch every agent's request path once
+                client.call(f"Worker{n}", REQUEST)
+            result[size] = proc.memory_info().rss / 2**20
+    return result
+
+
+def reference_up(workdir: Path, redis_url: str) -> dict[str, float]:
+    topology = load(ROOT / "topology" / "agents.yml")
+    lab = LocalLab(workdir / "lab")
+    try:
+        report = lab.up(topology, redis_url, progress=lambda _: None)
+        pids = [json.loads(p.read_text())["pid"] for p in (lab.home / "run").glob("*.json")]
+        rss = sum(psutil.Process(pid).memory_info().rss for pid in pids) / 2**20
+    finally:
+        lab.down(progress=lambda _: None)
+    return {"seconds": report.seconds, "processes": len(pids), "rss_mb": rss,
+            "instances": len(topology.instances), "agents": len(topology.agents)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=500, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="agentlink-bench-") as tmp:
+        workdir = Path(tmp)
+        redis = RedisServer(workdir / "redis")
+        redis.start()
+        try:
+            print("measuring round trips ...", flush=True)
+            trips = round_trips(workdir, redis.url, args.count, args.rounds)
+            print("measuring host memory ...", flush=True)
+            memory = host_memory(workdir, redis.url, (1, 10, 40))
+            print("starting the reference system ...", flush=True)
+            up = reference_up(workdir, redis.url)
+        finally:
+            redis.stop()
+    report(trips, memory, up)
+    if args.json:
+        args.json.write_text(json.dumps({"round_trip_us": trips, "host_rss_mb": memory,
+                                         "reference_up": up}, indent=2))
+    return 0
+
+
+def report(trips: dict[str, float], memory: dict[int, float], up: dict[str, float]) -> None:
+    raw = trips["raw pyzmq REQ socket kept open"]
+    print(f"\nRound trip to one agent host ({psutil.cpu_count()} cores), median of rounds:\n")
+    print("| client | µs per request | vs raw REQ to the same host |")
+    print("|---|---:|---:|")
+    for name, micros in trips.items():
+        print(f"| {name} | {micros:.0f} | {micros / raw:.2f}x |")
+    pooled = trips["pooled failover client"]
+    old = trips["new context and socket per request"]
+    print(f"\npooled is {old / pooled:.1f}x faster than a new context per request")
+    per_agent = (memory[max(memory)] - memory[min(memory)]) / (max(memory) - min(memory))
+    print("\n| agents in one host process | resident MB |\n|---:|---:|")
+    for size, mb in memory.items():
+        print(f"| {size} | {mb:.1f} |")
+    print(f"\nmarginal memory per co-hosted agent: {per_agent:.2f} MB")
+    print(f"\nagentlink up of the reference system: {up['instances']:.0f} instances of "
+          f"{up['agents']:.0f} agents in {up['processes']:.0f} processes healthy in "
+          f"{up['seconds']:.2f} s; their resident memory {up['rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
