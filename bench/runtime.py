@@ -40,13 +40,17 @@ from agentlink.topology import load
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "agentlink.reference.workers:Worker"
 REQUEST = {"text": "the quick brown fox jumps over the lazy dog", "hops": 0}
+RAW = "raw pyzmq REQ socket, kept open"
+POOLED = "pooled socket (agentlink.pool)"
+CLIENT = "pooled failover client, by agent name"
+NEW = "new context and socket per request (old)"
 
 
 def _echo_server(port: int) -> None:
     sock = zmq.Context().socket(zmq.REP)
     sock.bind(f"tcp://127.0.0.1:{port}")
     while True:
-        sock.send(sock.recv())
+        sock.send_multipart(sock.recv_multipart())
 
 
 @contextmanager
@@ -85,52 +89,50 @@ def per_call_us(call: Callable[[], Any], count: int) -> float:
     return (time.perf_counter() - started) / count * 1e6
 
 
-def round_trips(workdir: Path, redis_url: str, count: int, rounds: int) -> dict[str, float]:
+def round_trips(workdir: Path, redis_url: str, count: int, rounds: int
+                ) -> dict[str, dict[str, float]]:
+    """µs per request for each client pattern, against a bare echo server and an agent host."""
     echo_port = free_ports(1)[0]
     echo = multiprocessing.Process(target=_echo_server, args=(echo_port,), daemon=True)
     echo.start()
-    body = json.dumps(REQUEST).encode()
-    with agent_host(workdir, redis_url, 1) as (_, endpoint):
+    frames = protocol.encode_request("Worker0", REQUEST)
+    with agent_host(workdir, redis_url, 1) as (_, host_endpoint):
+        servers = {"bare echo server": f"tcp://127.0.0.1:{echo_port}",
+                   "agent host": host_endpoint}
         ctx = zmq.Context()
-        raw_echo = ctx.socket(zmq.REQ)
-        raw_echo.connect(f"tcp://127.0.0.1:{echo_port}")
-        raw_host = ctx.socket(zmq.REQ)
-        raw_host.connect(endpoint)
         client = FailoverClient(Registry(redis_client({"url": redis_url})))
-
-        def echo_call() -> None:
-            raw_echo.send(body)
-            raw_echo.recv()
-
-        def raw_call() -> None:
-            raw_host.send_multipart([b"Worker0", body])
-            protocol.decode_reply(raw_host.recv_multipart())
-
-        def pooled_call() -> None:
-            client.call("Worker0", REQUEST)
-
-        def new_context_call() -> None:
-            fresh = zmq.Context()
-            sock = fresh.socket(zmq.REQ)
-            sock.connect(endpoint)
-            sock.send_multipart([b"Worker0", body])
-            protocol.decode_reply(sock.recv_multipart())
-            sock.close(linger=0)
-            fresh.term()
-
-        ways = {"raw pyzmq REQ/REP, bare echo server": echo_call,
-                "raw pyzmq REQ socket kept open": raw_call,
-                "pooled failover client": pooled_call,
-                "new context and socket per request": new_context_call}
-        samples: dict[str, list[float]] = {name: [] for name in ways}
-        for name, call in ways.items():  # warm up every path first
+        pool = client.pool
+        calls: dict[tuple[str, str], Callable[[], Any]] = {}
+        for server, endpoint in servers.items():
+            kept = ctx.socket(zmq.REQ)
+            kept.connect(endpoint)
+            calls[RAW, server] = lambda s=kept: (s.send_multipart(frames), s.recv_multipart())
+            calls[NEW, server] = lambda e=endpoint: _new_context_request(e, frames)
+            calls[POOLED, server] = lambda e=endpoint: pool.request(e, frames)
+        calls[CLIENT, "agent host"] = lambda: client.call("Worker0", REQUEST)
+        for call in calls.values():  # warm every path up first
             per_call_us(call, 50)
-        for _ in range(rounds):  # interleaved, so drift hits every way alike
-            for name, call in ways.items():
-                samples[name].append(per_call_us(call, count))
+        samples: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+        for _ in range(rounds):  # interleaved, so drift hits every pattern alike
+            for key, call in calls.items():
+                samples[key].append(per_call_us(call, count))
         ctx.destroy(linger=0)
     echo.terminate()
-    return {name: statistics.median(values) for name, values in samples.items()}
+    table: dict[str, dict[str, float]] = {}
+    for (pattern, server), values in samples.items():
+        table.setdefault(pattern, {})[server] = statistics.median(values)
+    return table
+
+
+def _new_context_request(endpoint: str, frames: list[bytes]) -> None:
+    """The old pattern: a context and a socket for every request."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.connect(endpoint)
+    sock.send_multipart(frames)
+    sock.recv_multipart()
+    sock.close(linger=0)
+    ctx.term()
 
 
 def host_memory(workdir: Path, redis_url: str, sizes: tuple[int, ...]) -> dict[int, float]:
@@ -183,16 +185,20 @@ def main() -> int:
     return 0
 
 
-def report(trips: dict[str, float], memory: dict[int, float], up: dict[str, float]) -> None:
-    raw = trips["raw pyzmq REQ socket kept open"]
-    print(f"\nRound trip to one agent host ({psutil.cpu_count()} cores), median of rounds:\n")
-    print("| client | µs per request | vs raw REQ to the same host |")
-    print("|---|---:|---:|")
-    for name, micros in trips.items():
-        print(f"| {name} | {micros:.0f} | {micros / raw:.2f}x |")
-    pooled = trips["pooled failover client"]
-    old = trips["new context and socket per request"]
-    print(f"\npooled is {old / pooled:.1f}x faster than a new context per request")
+def report(trips: dict[str, dict[str, float]], memory: dict[int, float],
+           up: dict[str, float]) -> None:
+    servers = ("bare echo server", "agent host")
+    print(f"\nRound trip in µs ({psutil.cpu_count()} cores, median of rounds), "
+          "and the ratio to a raw REQ socket against the same server:\n")
+    print("| client | " + " | ".join(servers) + " |\n|---|---:|---:|")
+    for pattern, row in trips.items():
+        cells = [f"{row[s]:.0f} ({row[s] / trips[RAW][s]:.2f}x)" if s in row else "-"
+                 for s in servers]
+        print(f"| {pattern} | " + " | ".join(cells) + " |")
+    host = "agent host"
+    print(f"\npooled socket vs the old pattern, against the agent host: "
+          f"{trips[NEW][host] / trips[POOLED][host]:.1f}x faster; failover client: "
+          f"{trips[NEW][host] / trips[CLIENT][host]:.1f}x")
     per_agent = (memory[max(memory)] - memory[min(memory)]) / (max(memory) - min(memory))
     print("\n| agents in one host process | resident MB |\n|---:|---:|")
     for size, mb in memory.items():
