@@ -6,33 +6,44 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEBIAN_PACKAGES := redis-server
+PLAYBOOK := $(BIN)/ansible-playbook -i inventory/lab
 
-.PHONY: deploy test lint unit down status bench bench-runtime system
+.PHONY: deploy test lint unit down status bench bench-runtime system docker local-up local-down
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
 	@echo "installing Python packages into $(VENV)"
 	@$(BIN)/pip install -q --upgrade pip
-	@$(BIN)/pip install -q -e '.[dev]'
+	@$(BIN)/pip install -q -e '.[deploy,dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 system:
 	@scripts/ensure-packages.sh $(DEBIAN_PACKAGES)
 
-deploy: $(STAMP) system
-	$(BIN)/agentlink validate
-	$(BIN)/agentlink up
-	$(BIN)/agentlink status
-	@echo "logs: .agentlink/logs/  status: $(BIN)/agentlink status  stop: make down"
+docker:
+	@scripts/ensure-docker.sh
 
-down: $(STAMP)
-	$(BIN)/agentlink down
+# The main job: the whole system on the lab inventory (both machines on this Docker engine).
+deploy: $(STAMP) system docker
+	$(PLAYBOOK) site.yml
+	@echo "next: make status (every instance), docker logs agentlink-<group> (a host's log),"
+	@echo "      ansible-playbook site.yml -i inventory/dual (two real machines), make down"
+
+down: $(STAMP) docker
+	$(PLAYBOOK) playbooks/lab-down.yml
 
 status: $(STAMP)
-	$(BIN)/agentlink status
+	@$(PLAYBOOK) playbooks/verify.yml
+
+# The same system as plain local processes, no Docker: agentlink up / down.
+local-up: $(STAMP) system
+	$(BIN)/agentlink up
+
+local-down: $(STAMP)
+	$(BIN)/agentlink down
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench library filter_plugins roles
 
 unit: $(STAMP) system
 	$(BIN)/pytest

@@ -22,27 +22,7 @@ is_root() {
     [ "$(id -u)" -eq 0 ]
 }
 
-package_installed() {
-    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'
-}
-
-missing=()
-for pkg in "${packages[@]}"; do
-    package_installed "$pkg" || missing+=("$pkg")
-done
-
-if [ "${#missing[@]}" -gt 0 ]; then
-    if ! is_root; then
-        die "missing Debian packages: ${missing[*]}. Install them as root:
-  sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}"
-    fi
-    command -v apt-get >/dev/null 2>&1 \
-        || die "missing ${missing[*]} and apt-get is not available; install them with this system's package manager"
-    echo "Installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+"$(dirname "$0")/ensure-packages.sh" "${packages[@]}"
 
 if docker info >/dev/null 2>&1; then
     exit 0
@@ -55,9 +35,11 @@ fi
 
 command -v dockerd >/dev/null 2>&1 || die "dockerd not found although docker.io is installed; reinstall docker.io"
 
+message="Docker engine was starting: dockerd now answers"
 if pgrep -x dockerd >/dev/null 2>&1; then
-    echo "dockerd is already starting; waiting for it (log: ${log_file})"
+    echo "dockerd is running but not answering yet; waiting up to ${timeout}s"
 else
+    message="Docker engine was not running: started dockerd (log: ${log_file})"
     mkdir -p "$(dirname "$log_file")"
     setsid dockerd >"$log_file" 2>&1 </dev/null &
 fi
@@ -72,4 +54,4 @@ until docker info >/dev/null 2>&1; do
     sleep 1
 done
 
-echo "Docker engine was not running: started dockerd (log: ${log_file})"
+echo "$message"

@@ -102,16 +102,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = LocalLab(_home(args)).state()
     file = args.file or state.get("topology") or DEFAULT_TOPOLOGY
     redis_url = args.redis_url or state.get("redis_url")
-    if not redis_url:
-        print("agentlink status: no running lab here; give --redis-url", file=sys.stderr)
+    if args.sentinel:
+        settings = {"sentinels": args.sentinel, "service": args.service}
+    elif redis_url:
+        settings = {"url": redis_url}
+    else:
+        print("agentlink status: no local lab here; give --redis-url or --sentinel",
+              file=sys.stderr)
         return EXIT_INVALID
     topology = _load(file)
     if topology is None:
         return EXIT_INVALID
     try:
-        rows = status.collect(topology, Registry(redis_client({"url": redis_url})), fetch_health)
+        rows = status.collect(topology, Registry(redis_client(settings)), fetch_health)
     except REDIS_ERRORS as err:
-        print(f"agentlink status: registry at {redis_url} unreachable: {err}", file=sys.stderr)
+        print(f"agentlink status: registry unreachable ({settings}): {err}", file=sys.stderr)
         return 1
     _say(json.dumps(status.as_json(rows), indent=2) if args.json else status.as_table(rows))
     return 0 if all(r.serving for r in rows) else 1
@@ -139,6 +144,9 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--file", help="topology (default: the running lab's)")
     status.add_argument("--redis-url")
+    status.add_argument("--sentinel", action="append", metavar="HOST:PORT",
+                        help="find the registry through Sentinel (repeat for each)")
+    status.add_argument("--service", default="agentlink", help="Sentinel's name of the primary")
     down = command("down", cmd_down, "stop what `agentlink up` started")
     for cmd in (up, status, down):
         cmd.add_argument("--home", help="state directory (default $AGENTLINK_HOME or .agentlink)")

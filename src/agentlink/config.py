@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from agentlink.host import HostConfig, InstanceSpec
-from agentlink.topology import Topology
+from agentlink.topology import Topology, load
 
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
 
@@ -38,11 +38,6 @@ def expand(text: str, env: Mapping[str, str] | None = None) -> str:
         return default
 
     return _VAR.sub(value, text)
-
-
-def host_var(machine: str) -> str:
-    """The environment variable that holds a machine's address: pc2 -> PC2_HOST."""
-    return f"{machine.upper().replace('-', '_')}_HOST"
 
 
 def render_startup_config(topology: Topology, machine: str,
@@ -69,7 +64,7 @@ def render_startup_config(topology: Topology, machine: str,
                 for i in group.instances
             ],
         }
-    var = host_var(machine)
+    var = topology.address_env(machine)
     return {
         "machine": machine,
         "advertise_host": f"${{{var}:-{addresses[machine]}}}",
@@ -78,6 +73,26 @@ def render_startup_config(topology: Topology, machine: str,
         "stateful_agents": sorted(a.name for a in topology.agents.values() if a.stateful),
         "groups": groups,
     }
+
+
+def address_env(topology: Topology, addresses: Mapping[str, str]) -> dict[str, str]:
+    """The environment that carries every machine's address: {"MAIN_PC_HOST": ...}."""
+    return {topology.address_env(m): addresses[m] for m in topology.machines}
+
+
+def sentinel_settings(topology: Topology, addresses: Mapping[str, str], port: int,
+                      service: str) -> dict[str, Any]:
+    """Redis through Sentinel on every machine given, each address as ${VAR:-default}."""
+    return {"sentinels": [f"${{{topology.address_env(m)}:-{addr}}}:{port}"
+                          for m, addr in addresses.items()], "service": service}
+
+
+def startup_config_for(topology_path: str, machine: str, addresses: Mapping[str, str],
+                       sentinel_port: int, service: str) -> dict[str, Any]:
+    """A machine's startup config with Redis through Sentinel (what the Ansible role uses)."""
+    topology = load(topology_path)
+    redis = sentinel_settings(topology, addresses, sentinel_port, service)
+    return render_startup_config(topology, machine, addresses, redis)
 
 
 def write_startup_config(config: dict[str, Any], path: Path) -> None:

@@ -21,6 +21,7 @@ AGENT_KEYS = {
 PLACEMENT_KEYS = {"machine", "group", "port"}
 TOP_KEYS = {"version", "machines", "defaults", "agents"}
 DEFAULT_KEYS = {"resources", "health_timeout"}
+MACHINE_KEYS = {"address_env"}
 RESOURCE_KEYS = {"memory", "cpus"}
 CLASS_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([MG])i?B?$", re.IGNORECASE)
@@ -108,6 +109,11 @@ class Topology:
     path: str
     machines: dict[str, dict[str, Any]]
     agents: dict[str, Agent]
+
+    def address_env(self, machine: str) -> str:
+        """The environment variable holding a machine's address: MAIN_PC_HOST, PC2_HOST."""
+        default = f"{machine.upper().replace('-', '_')}_HOST"
+        return str((self.machines.get(machine) or {}).get("address_env", default))
 
     @property
     def instances(self) -> list[Instance]:
@@ -226,6 +232,11 @@ class _Checker:
         if not isinstance(machines, dict) or not machines:
             self.add("'machines' must map each machine name to its settings", _line(doc))
             machines = {}
+        for name, settings in machines.items():
+            if not isinstance(settings, dict):
+                self.add(f"machine '{name}': settings must be a mapping (or {{}})", _line(doc))
+                continue
+            self.unknown_keys(settings, MACHINE_KEYS, f"machine '{name}'")
         defaults = doc.get("defaults") or {}
         if isinstance(defaults, dict):
             self.unknown_keys(defaults, DEFAULT_KEYS, "defaults")

@@ -1,0 +1,12 @@
+"""Jinja2 filters for the toolkit: shims into agentlink, no logic here."""
+
+from agentlink.config import address_env, startup_config_for
+from agentlink.topology import load
+
+
+class FilterModule:
+    def filters(self) -> dict[str, object]:
+        return {
+            "agentlink_startup_config": startup_config_for,
+            "agentlink_address_env": lambda path, addresses: address_env(load(path), addresses),
+        }

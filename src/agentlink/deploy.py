@@ -1,0 +1,71 @@
+"""What the `agent_launch` Ansible module does, as plain functions with plain results.
+
+`launch()` brings the agent host containers of every machine to the topology, layer by
+layer, gated on health; `plan()` says what that would change without touching anything
+(check mode); `remove()` takes every agent host container away. Containers of groups that
+are no longer in the topology are removed after a successful launch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from agentlink.docker_backend import LABEL_GROUP, DockerBackend, MachineSpec
+from agentlink.launch import Launcher, Unit
+from agentlink.launch import plan as plan_units
+from agentlink.topology import Topology
+
+
+def machine_specs(machines: dict[str, dict[str, Any]], topology: Topology
+                  ) -> dict[str, MachineSpec]:
+    missing = sorted(set(topology.machines) - set(machines))
+    if missing:
+        raise ValueError(f"the topology places agents on {', '.join(missing)}, which the "
+                         "inventory does not define: add them to the inventory")
+    return {name: MachineSpec(name=name, **{k: v for k, v in spec.items() if v is not None})
+            for name, spec in machines.items() if name in topology.machines}
+
+
+def _units(topology: Topology) -> list[Unit]:
+    return [unit for layer in plan_units(topology) for unit in layer]
+
+
+def _orphans(topology: Topology, backend: DockerBackend) -> list[Any]:
+    known = set(topology.groups)
+    return [c for c in backend.containers() if c.labels.get(LABEL_GROUP) not in known]
+
+
+def plan(topology: Topology, backend: DockerBackend) -> dict[str, Any]:
+    """What launch() would change: per container, why; nothing is touched."""
+    changes = {backend.name(u): reason for u in _units(topology)
+               if (reason := backend.drift(u)) is not None}
+    orphans = [c.name for c in _orphans(topology, backend)]
+    return {"changed": bool(changes or orphans), "would_start": changes,
+            "would_remove": orphans}
+
+
+def launch(topology: Topology, backend: DockerBackend,
+           progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    report = Launcher(topology, backend, progress=progress).launch()
+    removed = []
+    for container in _orphans(topology, backend):
+        container.remove(force=True)
+        removed.append(container.name)
+    result = report.to_dict()
+    result["changed"] = report.changed or bool(removed)
+    result["removed"] = removed
+    return result
+
+
+def remove(topology: Topology, backend: DockerBackend) -> dict[str, Any]:
+    """Stop and remove every agent host container, later layers first."""
+    removed = []
+    for unit in reversed(_units(topology)):
+        if backend.drift(unit) != "missing":
+            backend.stop(unit)
+            removed.append(backend.name(unit))
+    for container in _orphans(topology, backend):
+        container.remove(force=True)
+        removed.append(container.name)
+    return {"changed": bool(removed), "removed": removed}

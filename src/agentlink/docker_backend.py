@@ -1,0 +1,154 @@
+"""The Docker backend of the launcher: one container per agent host, on each machine's engine.
+
+A machine is a Docker engine (local socket, or ssh:// to a real host) plus how its
+containers reach the network: `host` on a real machine, or `container:<anchor>` in the lab,
+where one small anchor container per machine owns the machine's address and port space.
+Either way every container of a machine shares one address, so configs are the same.
+
+A container carries a digest of everything that defines it (image, command, environment,
+config checksum, limits, network); an unchanged running container is left alone, any drift
+recreates it. The launcher algorithm itself lives in agentlink.launch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+from docker.errors import DockerException, NotFound
+from docker.models.containers import Container
+
+from agentlink.launch import Unit
+from agentlink.local import fetch_health
+
+LABEL_DIGEST = "io.agentlink.digest"
+LABEL_GROUP = "io.agentlink.group"
+LABEL_MACHINE = "io.agentlink.machine"
+CONFIG_MOUNT = "/etc/agentlink"
+MIN_MEMORY_MB = 64  # the Python runtime alone; agents' own limits add to it
+
+
+@dataclass
+class MachineSpec:
+    """How to run containers on one machine (from inventory, via the Ansible module)."""
+
+    name: str
+    image: str
+    config_dir: str  # on that machine: holds startup_config.yaml, mounted read-only
+    address: str  # where the controller reaches this machine's ports
+    docker_host: str = "unix:///var/run/docker.sock"
+    network_mode: str = "host"
+    env: dict[str, str] = field(default_factory=dict)
+    config_checksum: str = ""  # of the rendered configs: a change recreates containers
+    restart_policy: str = "unless-stopped"
+
+
+class DockerBackend:
+    def __init__(self, machines: dict[str, MachineSpec], *, prefix: str = "agentlink",
+                 stop_timeout: int = 15) -> None:
+        self.machines = machines
+        self.prefix = prefix
+        self.stop_timeout = stop_timeout
+        self._clients: dict[str, docker.DockerClient] = {}
+        self._lock = threading.Lock()
+
+    def client(self, machine: str) -> docker.DockerClient:
+        url = self.machines[machine].docker_host
+        with self._lock:
+            if url not in self._clients:
+                self._clients[url] = docker.DockerClient(base_url=url, timeout=60,
+                                                         use_ssh_client=url.startswith("ssh://"))
+            return self._clients[url]
+
+    def name(self, unit: Unit) -> str:
+        return f"{self.prefix}-{unit.name}"
+
+    def desired(self, unit: Unit) -> dict[str, Any]:
+        """The container's run arguments, labelled with their digest."""
+        machine = self.machines[unit.machine]
+        memory_mb = MIN_MEMORY_MB + int(unit.group.memory_mb)
+        spec: dict[str, Any] = {
+            "image": machine.image,
+            "command": ["run", "--config", f"{CONFIG_MOUNT}/startup_config.yaml",
+                        "--group", unit.name],
+            "environment": dict(sorted(machine.env.items())),
+            "network_mode": machine.network_mode,
+            "volumes": {machine.config_dir: {"bind": CONFIG_MOUNT, "mode": "ro"}},
+            "mem_limit": f"{memory_mb}m",
+            "nano_cpus": max(int(unit.group.cpus * 1e9), 10**8),
+            "restart_policy": {"Name": machine.restart_policy},
+            "stop_signal": "SIGTERM",
+        }
+        digest = hashlib.sha256(json.dumps([spec, machine.config_checksum], sort_keys=True)
+                                .encode()).hexdigest()[:16]
+        spec["labels"] = {LABEL_DIGEST: digest, LABEL_GROUP: unit.name,
+                          LABEL_MACHINE: unit.machine}
+        return spec
+
+    def _get(self, unit: Unit) -> Container | None:
+        try:
+            return self.client(unit.machine).containers.get(self.name(unit))
+        except NotFound:
+            return None
+
+    def drift(self, unit: Unit) -> str | None:
+        """Why the unit's container must be (re)created, or None when it is as specified."""
+        container = self._get(unit)
+        if container is None:
+            return "missing"
+        if container.labels.get(LABEL_DIGEST) != self.desired(unit)["labels"][LABEL_DIGEST]:
+            return "image, environment, config or limits changed"
+        if container.status != "running":
+            return f"container is {container.status}"
+        return None
+
+    def start(self, unit: Unit) -> bool:
+        if self.drift(unit) is None:
+            return False
+        self.stop(unit)
+        self.client(unit.machine).containers.run(name=self.name(unit), detach=True,
+                                                 **self.desired(unit))
+        return True
+
+    def stop(self, unit: Unit) -> None:
+        container = self._get(unit)
+        if container is None:
+            return
+        try:
+            container.stop(timeout=self.stop_timeout)
+            container.remove(force=True)
+        except NotFound:
+            pass
+
+    def alive(self, unit: Unit) -> bool:
+        """Running, and not restarted since it was created: a crash loop is not alive."""
+        container = self._get(unit)
+        if container is None:
+            return False
+        state = container.attrs.get("State", {})
+        return bool(state.get("Running")) and not container.attrs.get("RestartCount", 0)
+
+    def health(self, unit: Unit) -> dict[str, Any] | None:
+        return fetch_health(f"http://{self.machines[unit.machine].address}:"
+                            f"{unit.group.http_port}")
+
+    def logs(self, unit: Unit, lines: int = 20) -> list[str]:
+        container = self._get(unit)
+        if container is None:
+            return []
+        try:
+            return container.logs(tail=lines).decode(errors="replace").splitlines()
+        except DockerException:
+            return []
+
+    def containers(self) -> list[Container]:
+        """Every agent host container of this project, on every machine."""
+        found = []
+        for machine in self.machines:
+            found += self.client(machine).containers.list(
+                all=True, filters={"label": [f"{LABEL_MACHINE}={machine}", LABEL_GROUP]})
+        return found
