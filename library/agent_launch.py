@@ -70,6 +70,8 @@ def main() -> None:
         supports_check_mode=True,
     )
     try:
+        from docker.errors import DockerException
+
         from agentlink import deploy
         from agentlink.docker_backend import DockerBackend
         from agentlink.launch import LaunchError
@@ -94,6 +96,9 @@ def main() -> None:
     except LaunchError as err:
         module.fail_json(msg=str(err), agent=err.instance, last_health=err.last_health,
                          log_lines=err.log_lines, stopped=err.stopped)
+    except DockerException as err:
+        module.fail_json(msg=f"a Docker engine does not answer: {err}. On the lab host run "
+                         "scripts/ensure-docker.sh; on a real machine check agentlink_docker_host")
     except (ValueError, OSError) as err:
         module.fail_json(msg=str(err))
     module.exit_json(**result)

@@ -1,4 +1,4 @@
-"""Plan the AgentLink images: render Dockerfiles, stage build contexts, compute content tags.
+"""Plan the images: render Dockerfiles, stage build contexts, compute content tags.
 
 Each image is tagged ``<project version>-<content hash>``, where the hash covers the rendered
 Dockerfile text (which names the parent image's tag, so a new base gives a new runtime), every
@@ -6,8 +6,7 @@ hashed file staged into the build context, and any extra ``inputs`` (for the bas
 debootstrap script and its package list). The same inputs always give the same tag and any
 change gives a new one, so "the tag exists" means "the image is up to date".
 
-The functions are importable without Ansible (tests/unit/test_images.py uses them); ``main``
-is the Ansible module.
+The Ansible module library/image_plan.py is a thin shell over this.
 """
 
 from __future__ import annotations
@@ -21,59 +20,6 @@ import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-DOCUMENTATION = r"""
-module: agentlink_image_plan
-short_description: Render AgentLink Dockerfiles, stage their build contexts, compute content tags
-description:
-  - Takes a list of image specs (in build order) and returns, per image, its repository,
-    content tag (C(<version>-<hash>)) and build context.
-  - Stages each build context under O(context_dir)/<name>; in check mode nothing is written.
-options:
-  specs:
-    description: Images in build order; a spec's parent must come before it.
-    type: list
-    elements: dict
-    required: true
-  templates_dir:
-    description: Directory holding the Dockerfile templates.
-    type: path
-    required: true
-  context_dir:
-    description: Where build contexts are staged (one directory per image).
-    type: path
-    required: true
-  namespace:
-    description: Repository namespace; a spec without repository gets C(<namespace>/<name>).
-    type: str
-    required: true
-  version:
-    description: Project version, the tag's prefix; read from O(pyproject) when omitted.
-    type: str
-  pyproject:
-    description: pyproject.toml to read the version from.
-    type: path
-  variables:
-    description: Template variables common to every image.
-    type: dict
-    default: {}
-  exclude:
-    description: Glob patterns of file or directory names never staged nor hashed.
-    type: list
-    elements: str
-    default: ['__pycache__', '*.pyc', '*.egg-info', '.*']
-"""
-
-RETURN = r"""
-images:
-  description: Per image name, its repository, tag, ref (repository:tag), digest and context.
-  type: dict
-  returned: always
-version:
-  description: The project version used as the tag prefix.
-  type: str
-  returned: always
-"""
 
 DIGEST_LENGTH = 12
 DEFAULT_EXCLUDE = ("__pycache__", "*.pyc", "*.egg-info", ".*")
@@ -262,46 +208,3 @@ def stage_context(context: str | os.PathLike[str], dockerfile: str, files: Mappi
                 if not dry_run:
                     path.unlink()
     return changes
-
-
-def main() -> None:
-    from ansible.module_utils.basic import AnsibleModule
-
-    module = AnsibleModule(
-        argument_spec={
-            "specs": {"type": "list", "elements": "dict", "required": True},
-            "templates_dir": {"type": "path", "required": True},
-            "context_dir": {"type": "path", "required": True},
-            "namespace": {"type": "str", "required": True},
-            "version": {"type": "str"},
-            "pyproject": {"type": "path"},
-            "variables": {"type": "dict", "default": {}},
-            "exclude": {"type": "list", "elements": "str", "default": list(DEFAULT_EXCLUDE)},
-        },
-        required_one_of=[("version", "pyproject")],
-        supports_check_mode=True,
-    )
-    params = module.params
-    try:
-        version = params["version"] or project_version(params["pyproject"])
-        planned = plan_images(params["specs"], templates_dir=params["templates_dir"],
-                              namespace=params["namespace"], version=version,
-                              variables=params["variables"], exclude=params["exclude"])
-        changes: dict[str, list[str]] = {}
-        images: dict[str, dict[str, Any]] = {}
-        for name, image in planned.items():
-            context = Path(params["context_dir"]) / name
-            changed = stage_context(context, image["dockerfile"], image["files"],
-                                    dry_run=module.check_mode)
-            if changed:
-                changes[name] = changed
-            images[name] = {key: image[key]
-                            for key in ("name", "repository", "tag", "ref", "digest", "parent")}
-            images[name]["context"] = str(context)
-    except (PlanError, OSError, KeyError) as err:
-        module.fail_json(msg=f"cannot plan images: {err}")
-    module.exit_json(changed=bool(changes), images=images, version=version, staged=changes)
-
-
-if __name__ == "__main__":
-    main()
