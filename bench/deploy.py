@@ -1,0 +1,111 @@
+"""Deployment benchmarks on the lab inventory, measured in one run on this machine.
+
+1. Image sizes: base, runtime, each machine image, Redis; and the bytes stored for all of
+   them together (shared layers count once), from Docker's own accounting.
+2. `ansible-playbook site.yml -i inventory/lab` from no containers: cold (no images, so
+   debootstrap and builds included; only with --cold) and with images cached.
+3. The same playbook again with nothing changed (must report changed=0).
+Each deploy also reports the launcher's own time, first container start to all healthy.
+
+Run: `make bench-deploy` (or `.venv/bin/python bench/deploy.py [--cold] [--json FILE]`).
+It leaves the lab deployed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+MB = 1_000_000
+
+
+def playbook(name: str) -> dict[str, Any]:
+    """Run a playbook on the lab with the JSON callback; wall time, changes, launch result."""
+    env = {**os.environ, "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
+           "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1"}
+    started = time.monotonic()
+    proc = subprocess.run([str(PLAYBOOK), "-i", "inventory/lab", name], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}"
+                         f"\n{proc.stderr[-2000:]}")
+    report = json.loads(proc.stdout)
+    launch = next((task["hosts"]["localhost"] for play in report["plays"]
+                   for task in play["tasks"]
+                   if task["task"]["name"].startswith("Start the agent hosts")
+                   and "localhost" in task["hosts"]), {})
+    changed = sum(stats["changed"] for stats in report["stats"].values())
+    return {"seconds": seconds, "changed": changed, "launch_seconds": launch.get("seconds"),
+            "layers": [(layer["layer"], layer["seconds"]) for layer in launch.get("layers", [])]}
+
+
+def image_sizes() -> dict[str, Any]:
+    with (ROOT / "build" / "images.json").open() as manifest:
+        refs: dict[str, str] = json.load(manifest)["images"]
+    client = docker.from_env()
+    sizes = {name: client.images.get(ref).attrs["Size"] / MB for name, ref in refs.items()}
+    ids = {client.images.get(ref).id for ref in refs.values()}
+    df = client.df()
+    # Layers stored once: all images' bytes less what each shares with the others.
+    entries = [i for i in df["Images"] if i["Id"] in ids]
+    shared = max((i["SharedSize"] for i in entries), default=0)
+    unique = sum(i["Size"] - i["SharedSize"] for i in entries) + shared
+    return {"images_mb": sizes, "stored_mb": unique / MB}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cold", action="store_true",
+                        help="also remove the project's images first and time a cold build")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    runs: dict[str, dict[str, Any]] = {}
+    print("removing the lab ...", flush=True)
+    playbook("playbooks/lab-down.yml")
+    if args.cold:
+        client = docker.from_env()
+        for image in client.images.list(name="agentlink/*"):
+            client.images.remove(image.id, force=True)
+        client.images.prune(filters={"dangling": True})
+        print("deploying cold (debootstrap, builds) ...", flush=True)
+        runs["cold, images built"] = playbook("site.yml")
+        playbook("playbooks/lab-down.yml")
+    print("deploying with images cached ...", flush=True)
+    runs["images cached"] = playbook("site.yml")
+    print("deploying again, nothing changed ...", flush=True)
+    runs["second run, no change"] = playbook("site.yml")
+    sizes = image_sizes()
+    report(runs, sizes)
+    if args.json:
+        args.json.write_text(json.dumps({"deploys": runs, **sizes}, indent=2))
+    return 0
+
+
+def report(runs: dict[str, dict[str, Any]], sizes: dict[str, Any]) -> None:
+    print("\n| image | MB |\n|---|---:|")
+    for name, mb in sizes["images_mb"].items():
+        print(f"| {name} | {mb:.1f} |")
+    print(f"| all images, shared layers stored once | {sizes['stored_mb']:.1f} |")
+    print("\n| site.yml on the lab | wall s | launch to all healthy s | changed |")
+    print("|---|---:|---:|---:|")
+    for name, run in runs.items():
+        launch = f"{run['launch_seconds']:.2f}" if run["launch_seconds"] is not None else "-"
+        print(f"| {name} | {run['seconds']:.1f} | {launch} | {run['changed']} |")
+    cached = runs["images cached"]["layers"]
+    print("\nper layer (images cached): "
+          + ", ".join(f"layer {n}: {s:.2f}s" for n, s in cached))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
