@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEBIAN_PACKAGES := redis-server
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/lab
 
-.PHONY: deploy test lint unit down status bench bench-runtime system docker local-up local-down
+.PHONY: deploy test lint unit down status bench bench-runtime bench-deploy system docker local-up local-down
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -53,4 +53,7 @@ test: lint unit
 bench-runtime: $(STAMP) system
 	$(BIN)/python bench/runtime.py
 
-bench: bench-runtime
+bench-deploy: $(STAMP) system docker
+	$(BIN)/python bench/deploy.py
+
+bench: bench-runtime bench-deploy
