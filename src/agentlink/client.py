@@ -4,7 +4,9 @@ Instances come from the registry (briefly cached). Stateless agents are tried ro
 stateful ones in a stable order per key (rendezvous hashing), so a key sticks to one replica
 while it lives and moves to the same next one for every caller when it dies. A timeout or a
 retryable error marks the instance for a cool-down and the next one is tried, all within the
-request's one deadline.
+request's one deadline. Each attempt gets at least half of what is left of it, so a slow
+handler is not mistaken for a dead one; a request retried after a timeout may have run
+once already, so handlers reached through failover should be idempotent.
 """
 
 from __future__ import annotations
@@ -91,9 +93,10 @@ class FailoverClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                # At least half of what is left: a slow answer is not a dead replica.
+                attempt = min(remaining, max(self.attempt_timeout, remaining / 2))
                 try:
-                    reply = self.pool.request(rec.endpoint, frames,
-                                              timeout=min(self.attempt_timeout, remaining))
+                    reply = self.pool.request(rec.endpoint, frames, timeout=attempt)
                     return protocol.decode_reply(reply)
                 except RequestTimeout:
                     last_error = f"{rec.instance} at {rec.endpoint} timed out"

@@ -120,6 +120,10 @@ class AgentHost:
         self._http: ThreadingHTTPServer | None = None
         self._io_done = threading.Event()
 
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
     def _make_slot(self, spec: InstanceSpec) -> _Slot:
         cfg = self.config
         context = AgentContext(

@@ -43,6 +43,9 @@ class _LiveCollector(Collector):
         times = self.process.cpu_times()
         cpu.add_metric(group, times.user + times.system)
         yield cpu
+        yield GaugeMetricFamily("agentlink_requests_in_flight",
+                                "Requests being handled now (a draining host waits for 0)",
+                                value=self.host.inflight)
         stats = self.host.pool.stats
         yield GaugeMetricFamily("agentlink_pool_sockets", "Open pooled client sockets",
                                 value=stats.sockets)

@@ -36,6 +36,7 @@ class _Endpoint:
     def __init__(self) -> None:
         self.free: list[zmq.Socket[bytes]] = []
         self.open = 0
+        self.timed_out = False  # a socket was dropped after a timeout: the next is a reconnect
         self.ready = threading.Condition()
 
 
@@ -62,8 +63,7 @@ class Pool:
         sock.connect(endpoint)
         return sock
 
-    def _checkout(self, endpoint: str, slot: _Endpoint, deadline: float,
-                  reconnect: bool) -> zmq.Socket[bytes]:
+    def _checkout(self, endpoint: str, slot: _Endpoint, deadline: float) -> zmq.Socket[bytes]:
         with slot.ready:
             while not slot.free and slot.open >= self.max_per_endpoint:
                 if not slot.ready.wait(max(deadline - time.monotonic(), 0)):
@@ -71,6 +71,7 @@ class Pool:
             if slot.free:
                 return slot.free.pop()
             slot.open += 1
+            reconnect, slot.timed_out = slot.timed_out, False
         self._count(sockets=1, reconnects=int(reconnect))
         return self._open(endpoint)
 
@@ -78,6 +79,7 @@ class Pool:
         with slot.ready:
             if sock is None:
                 slot.open -= 1
+                slot.timed_out = True
             else:
                 slot.free.append(sock)
             slot.ready.notify()
@@ -87,8 +89,8 @@ class Pool:
         """Send frames to endpoint and return the reply frames (the empty delimiter removed)."""
         slot = self._endpoint(endpoint)
         deadline = time.monotonic() + timeout * (retries + 1)
-        for attempt in range(retries + 1):
-            sock = self._checkout(endpoint, slot, deadline, reconnect=attempt > 0)
+        for _ in range(retries + 1):
+            sock = self._checkout(endpoint, slot, deadline)
             attempt_timeout = min(timeout, max(deadline - time.monotonic(), 0.0))
             try:
                 reply = self._exchange(sock, frames, attempt_timeout)

@@ -254,8 +254,9 @@ class _Checker:
                 continue
             agents[agent.name] = agent
         topology = Topology(path, dict(machines), agents)
-        self.dependencies(raw_agents, agents)
-        self.groups(topology)
+        lines = {r.get("name"): _line(r) for r in raw_agents if isinstance(r, dict)}
+        self.dependencies(agents, lines)
+        self.groups(topology, lines)
         return topology
 
     def agent(self, raw: Any, defaults: dict[str, Any], machines: dict[str, Any]) -> Agent | None:
@@ -335,8 +336,7 @@ class _Checker:
             seen.add(p.group)
         return result
 
-    def dependencies(self, raw_agents: list[Any], agents: dict[str, Agent]) -> None:
-        lines = {r.get("name"): _line(r) for r in raw_agents if isinstance(r, dict)}
+    def dependencies(self, agents: dict[str, Agent], lines: dict[str, int | None]) -> None:
         for agent in agents.values():
             for dep in agent.depends_on:
                 if dep not in agents:
@@ -346,11 +346,11 @@ class _Checker:
         for cycle in find_cycles(graph):
             self.add(f"dependency cycle: {' -> '.join(cycle)}", lines.get(cycle[0]))
 
-    def groups(self, topology: Topology) -> None:
+    def groups(self, topology: Topology, lines: dict[str, int | None]) -> None:
         machine_of: dict[str, str] = {}
         port_of: dict[str, int] = {}
         for inst in topology.instances:
-            p, line = inst.placement, None
+            p, line = inst.placement, lines.get(inst.agent.name)
             if machine_of.setdefault(p.group, p.machine) != p.machine:
                 self.add(f"group '{p.group}' is spread over two machines: "
                          f"{machine_of[p.group]} and {p.machine} (agent '{inst.agent.name}')", line)
@@ -358,13 +358,16 @@ class _Checker:
                 self.add(f"group '{p.group}' has two ports: {port_of[p.group]} and {p.port} "
                          f"(agent '{inst.agent.name}'); all agents of a group share its port", line)
         owner: dict[tuple[str, int], str] = {}
+        clashes: dict[tuple[str, str], tuple[str, int]] = {}
         for group, port in port_of.items():
             for used in (port, port + 1):  # ROUTER port and HTTP port
                 key = (machine_of[group], used)
                 if key in owner and owner[key] != group:
-                    self.add(f"groups '{owner[key]}' and '{group}' both use port {used} on "
-                             f"{key[0]} (a group uses its port and port + 1)", None)
+                    clashes.setdefault((owner[key], group), key)
                 owner.setdefault(key, group)
+        for (first, second), (machine, port) in clashes.items():
+            self.add(f"groups '{first}' and '{second}' both use port {port} on {machine} "
+                     "(a group uses its port and port + 1)", None)
 
 
 def find_cycles(graph: dict[str, list[str]]) -> list[list[str]]:

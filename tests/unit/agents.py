@@ -1,0 +1,61 @@
+"""Agents for tests only."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+from agentlink.agent import BaseAgent, Degraded
+
+
+class Echo(BaseAgent):
+    def handle(self, request: Any) -> Any:
+        return {"echo": request, "by": self.instance}
+
+
+class Slow(BaseAgent):
+    """Sleeps as long as the request says; records that it finished."""
+
+    finished: ClassVar[list[str]] = []
+
+    def handle(self, request: Any) -> Any:
+        time.sleep(float(request.get("sleep", 0.5)))
+        Slow.finished.append(self.instance)
+        return {"slept": request.get("sleep"), "by": self.instance}
+
+
+class Failing(BaseAgent):
+    def handle(self, request: Any) -> Any:
+        raise RuntimeError("boom")
+
+
+class Checked(BaseAgent):
+    """check_health() answers whatever the class attribute says (set by the test)."""
+
+    answer: ClassVar[dict[str, Any]] = {}
+
+    def handle(self, request: Any) -> Any:
+        return "ok"
+
+    def check_health(self) -> dict[str, bool | Degraded]:
+        if Checked.answer.get("raise"):
+            raise ValueError("sensor unplugged")
+        return dict(Checked.answer.get("checks", {}))
+
+
+class Relay(BaseAgent):
+    """Calls the agent named in the request: for nested and chained calls."""
+
+    def handle(self, request: Any) -> Any:
+        if request.get("next"):
+            return {"by": self.instance,
+                    "inner": self.call(request["next"], {"next": request.get("then")})}
+        return {"by": self.instance}
+
+
+class NeverHealthy(BaseAgent):
+    def handle(self, request: Any) -> Any:
+        return None
+
+    def check_health(self) -> dict[str, bool | Degraded]:
+        return {"model_loaded": False}

@@ -1,0 +1,203 @@
+"""The agent host: routing by name, the one health implementation, HTTP, hostile frames."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+import zmq
+
+from agentlink import protocol
+from agentlink.agent import Degraded, MemoryState
+from agentlink.host import AgentHost
+from agentlink.pool import get_pool
+from agentlink.reference.core import MemoryOrchestratorService, RequestCoordinator
+from agentlink.reference.workers import Worker
+from agentlink.testing import AgentSpec, call_handle, host_config, run_group, wait_healthy
+
+from .agents import Checked
+from .conftest import eventually
+
+ECHO = "tests.unit.agents:Echo"
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            body = response.read()
+            status = response.status
+    except urllib.error.HTTPError as err:
+        body, status = err.read(), err.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode()
+
+
+def send(host: AgentHost, frames: list[bytes]) -> Any:
+    return protocol.decode_reply(get_pool().request(
+        f"tcp://127.0.0.1:{host.config.port}", frames, timeout=3))
+
+
+# --- handle() alone, no ZeroMQ and no Redis ---------------------------------------------
+
+
+def test_worker_does_its_kind_of_work() -> None:
+    assert call_handle(Worker, {"text": "b a b"}, options={"kind": "words"})["result"] == \
+        [("b", 2), ("a", 1)]
+    assert call_handle(Worker, {"text": "x y"}, options={"kind": "stats"})["result"] == \
+        {"chars": 3, "words": 2, "lines": 1}
+
+
+def test_worker_calls_its_dependencies_while_hops_remain() -> None:
+    seen = []
+    result = call_handle(Worker, {"text": "t", "hops": 1},
+                         options={"kind": "digest", "calls": ["Next"]},
+                         calls={"Next": lambda req: seen.append(req) or {"ok": 1}})
+    assert result["calls"] == {"Next": {"ok": 1}}
+    assert seen == [{"text": "t", "hops": 0}]
+
+
+def test_memory_service_keeps_state_in_its_store() -> None:
+    state = MemoryState()
+    call_handle(MemoryOrchestratorService, {"op": "put", "key": "k", "value": 1}, state=state)
+    call_handle(MemoryOrchestratorService, {"op": "append", "key": "l", "value": "a"},
+                state=state)
+    got = call_handle(MemoryOrchestratorService, {"op": "get", "key": "k"}, state=state)
+    assert got["value"] == 1
+    assert state.get("l") == ["a"]
+    with pytest.raises(ValueError, match="unknown op"):
+        call_handle(MemoryOrchestratorService, {"op": "drop", "key": "k"}, state=state)
+
+
+def test_coordinator_routes_by_name() -> None:
+    result = call_handle(RequestCoordinator, {"agent": "Echo", "payload": {"x": 1}},
+                         calls={"Echo": lambda req: {"got": req}})
+    assert result == {"agent": "Echo", "result": {"got": {"x": 1}}}
+
+
+# --- a real host in this process ---------------------------------------------------------
+
+
+def test_requests_are_routed_by_agent_name(redis_url: str) -> None:
+    agents = [AgentSpec("A", ECHO), AgentSpec("B", ECHO)]
+    with run_group(agents, redis_url) as host:
+        assert send(host, protocol.encode_request("A", 1))["by"] == "A-1"
+        assert send(host, protocol.encode_request("B", 2)) == {"echo": 2, "by": "B-1"}
+
+
+def test_unknown_agent_gets_an_error_reply(redis_url: str) -> None:
+    with run_group([AgentSpec("A", ECHO)], redis_url) as host:
+        with pytest.raises(protocol.RemoteError) as err:
+            send(host, protocol.encode_request("Nobody", {}))
+        assert err.value.code == protocol.UNKNOWN_AGENT
+
+
+def test_hostile_frames_get_an_error_and_the_host_keeps_serving(redis_url: str) -> None:
+    with run_group([AgentSpec("A", ECHO)], redis_url) as host:
+        for frames in ([b"A", b"{not json"], [b"only-one-frame"], [b"A", b"x", b"y"]):
+            with pytest.raises(protocol.RemoteError) as err:
+                send(host, frames)
+            assert err.value.code == protocol.BAD_REQUEST
+        assert send(host, protocol.encode_request("A", "still here"))["echo"] == "still here"
+
+
+def test_a_handler_error_is_answered_and_counted(redis_url: str) -> None:
+    with run_group([AgentSpec("F", "tests.unit.agents:Failing")], redis_url) as host:
+        with pytest.raises(protocol.RemoteError) as err:
+            send(host, protocol.encode_request("F", {}))
+        assert err.value.code == protocol.HANDLER_ERROR
+        assert "boom" in err.value.message
+        metrics = get(f"http://127.0.0.1:{host.config.http_port}/metrics")[1]
+        assert 'agentlink_request_errors_total{agent="F",code="handler_error"} 1.0' in metrics
+
+
+def test_health_and_metrics_over_http(redis_url: str) -> None:
+    with run_group([AgentSpec("A", ECHO), AgentSpec("B", ECHO)], redis_url) as host:
+        send(host, protocol.encode_request("A", 1))
+        base = f"http://127.0.0.1:{host.config.http_port}"
+        status, body = get(f"{base}/health")
+        assert status == 200 and body["state"] == "healthy"
+        assert set(body["agents"]) == {"A-1", "B-1"}
+        status, one = get(f"{base}/health/B")
+        assert status == 200 and one["instance"] == "B-1"
+        assert get(f"{base}/health/Nobody")[0] == 404
+        metrics = get(f"{base}/metrics")[1]
+        for name in ("agentlink_requests_total", "agentlink_request_duration_seconds_bucket",
+                     "agentlink_agent_health", "agentlink_process_resident_memory_bytes",
+                     "agentlink_pool_sockets", "agentlink_registry_heartbeats_total"):
+            assert name in metrics
+
+
+@pytest.mark.parametrize("answer,state,check", [
+    ({"checks": {"model": True}}, "healthy", None),
+    ({"checks": {"model": False}}, "unhealthy", ("model", "failed")),
+    ({"checks": {"gpu": Degraded("half the memory")}}, "degraded", ("gpu", "degraded")),
+    ({"raise": True}, "unhealthy", ("check_health", "failed")),
+])
+def test_named_checks_decide_the_state(redis_url: str, answer: dict[str, Any], state: str,
+                                       check: tuple[str, str] | None) -> None:
+    Checked.answer = answer
+    try:
+        with run_group([AgentSpec("C", "tests.unit.agents:Checked")], redis_url,
+                       wait=False) as host:
+            eventually(lambda: host.health()["agents"]["C-1"]["state"] == state,
+                       what=f"state {state}")
+            status, body = get(f"http://127.0.0.1:{host.config.http_port}/health/C")
+            assert status == (200 if state in ("healthy", "degraded") else 503)
+            if check:
+                assert {"name": check[0], "status": check[1]}.items() <= \
+                    next(c for c in body["checks"] if c["name"] == check[0]).items()
+    finally:
+        Checked.answer = {}
+
+
+def test_starting_until_a_dependency_is_healthy(redis_url: str) -> None:
+    waiting = AgentSpec("Upper", ECHO, depends_on=["Lower"])
+    with run_group([waiting], redis_url, group="upper", wait=False) as upper:
+        eventually(lambda: upper.health()["agents"]["Upper-1"]["state"] == "starting")
+        detail = upper.health()["agents"]["Upper-1"]["checks"][0]["detail"]
+        assert detail == "waiting for Lower"
+        with pytest.raises(protocol.RemoteError) as err:  # not ready: not serving yet
+            send(upper, protocol.encode_request("Upper", {}))
+        assert err.value.code == protocol.UNAVAILABLE
+        with run_group([AgentSpec("Lower", ECHO)], redis_url, group="lower"):
+            eventually(lambda: upper.health()["state"] == "healthy", what="Upper healthy")
+            assert send(upper, protocol.encode_request("Upper", 1))["echo"] == 1
+
+
+def test_unhealthy_after_its_health_timeout_without_dependencies(redis_url: str) -> None:
+    spec = AgentSpec("Upper", ECHO, depends_on=["Ghost"], health_timeout=0.5)
+    with run_group([spec], redis_url, wait=False) as host:
+        eventually(lambda: host.health()["agents"]["Upper-1"]["state"] == "unhealthy")
+        check = host.health()["agents"]["Upper-1"]["checks"][0]
+        assert check["name"] == "dependencies" and "Ghost" in check["detail"]
+
+
+def test_nested_calls_within_one_host_do_not_deadlock(redis_url: str) -> None:
+    relay = "tests.unit.agents:Relay"
+    agents = [AgentSpec("R1", relay), AgentSpec("R2", relay), AgentSpec("R3", relay)]
+    with run_group(agents, redis_url) as host:
+        reply = host.client.call("R1", {"next": "R2", "then": "R3"}, timeout=5)
+        assert reply == {"by": "R1-1", "inner": {"by": "R2-1", "inner": {"by": "R3-1"}}}
+
+
+def test_port_in_use_fails_at_start(redis_url: str) -> None:
+    with run_group([AgentSpec("A", ECHO)], redis_url) as host:
+        clash = AgentHost(host_config("clash", [AgentSpec("B", ECHO)], redis_url,
+                                      ports=(host.config.port, host.config.http_port)))
+        with pytest.raises(zmq.ZMQError):
+            clash.start()
+
+
+def test_wait_healthy_names_the_group_that_is_not(redis_url: str) -> None:
+    Checked.answer = {"checks": {"model": False}}
+    try:
+        with run_group([AgentSpec("C", "tests.unit.agents:Checked")], redis_url,
+                       wait=False) as host, pytest.raises(TimeoutError, match="test"):
+            wait_healthy(host, timeout=0.5)
+    finally:
+        Checked.answer = {}

@@ -1,0 +1,202 @@
+"""The layered launcher on local processes: `agentlink up / status / down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.request import urlopen
+
+import psutil
+import pytest
+import yaml
+
+from agentlink.client import FailoverClient
+from agentlink.registry import Registry, redis_client
+from agentlink.testing import free_ports
+
+from .conftest import ROOT, eventually
+
+ECHO = "tests.unit.agents:Echo"
+
+
+def agentlink(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # hosts import the test agents
+    return subprocess.run([sys.executable, "-m", "agentlink", *args, "--home", str(home)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+                          check=False)
+
+
+def topology_file(tmp_path: Path, agents: list[dict[str, Any]]) -> Path:
+    path = tmp_path / "topology.yml"
+    path.write_text(yaml.safe_dump({"machines": {"m1": {}, "m2": {}}, "agents": agents}))
+    return path
+
+
+def ports(count: int) -> Iterator[int]:
+    return iter(free_ports(2 * count)[::2])
+
+
+def host_pids(home: Path) -> list[int]:
+    return [json.loads(p.read_text())["pid"] for p in (home / "run").glob("*.json")]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "home"
+    yield path
+    agentlink("down", home=path)
+
+
+def test_up_starts_layers_in_order_and_status_lists_every_instance(
+        tmp_path: Path, home: Path, redis_url: str) -> None:
+    p = ports(3)
+    first, second, third = next(p), next(p), next(p)
+    path = topology_file(tmp_path, [
+        {"name": "Base", "class": ECHO, "machine": "m1", "group": "base", "port": first},
+        {"name": "Mid", "class": ECHO, "machine": "m2", "group": "mid", "port": second,
+         "depends_on": ["Base"]},
+        {"name": "Twin", "class": ECHO, "depends_on": ["Mid"], "replicas": 2, "placement": [
+            {"machine": "m1", "group": "base", "port": first},
+            {"machine": "m2", "group": "top", "port": third}]},
+    ])
+    up = agentlink("up", str(path), "--redis-url", redis_url, home=home)
+    assert up.returncode == 0, up.stderr
+    lines = up.stdout.splitlines()
+    assert lines[0].startswith("layer 0: 1 agent(s), started 1 host(s)")
+    gated = [line.split(":")[0] for line in lines
+             if line.startswith("layer") and "healthy in" in line]
+    assert gated == ["layer 0", "layer 1", "layer 2"]
+    assert lines[-1].startswith("4 instances of 3 agents healthy in")
+    status = agentlink("status", "--json", "--redis-url", redis_url, "--file", str(path),
+                       home=home)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["healthy"] and report["total"] == 4
+    assert {(i["instance"], i["layer"], i["machine"]) for i in report["instances"]} == {
+        ("Base-1", 0, "m1"), ("Mid-1", 1, "m2"), ("Twin-1", 2, "m1"), ("Twin-2", 2, "m2")}
+    again = agentlink("up", str(path), "--redis-url", redis_url, home=home)
+    assert "started 0 host(s), 1 unchanged" in again.stdout  # nothing restarted
+    pids = host_pids(home)
+    down = agentlink("down", home=home)
+    assert down.returncode == 0 and "stopped 3 agent host(s)" in down.stdout
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                   for pid in pids)
+
+
+def test_an_agent_never_healthy_rolls_the_run_back(tmp_path: Path, home: Path,
+                                                    redis_url: str) -> None:
+    p = ports(2)
+    path = topology_file(tmp_path, [
+        {"name": "Base", "class": ECHO, "machine": "m1", "group": "base", "port": next(p)},
+        {"name": "Sick", "class": "tests.unit.agents:NeverHealthy", "machine": "m2",
+         "group": "sick", "port": next(p), "depends_on": ["Base"], "health_timeout": 2},
+    ])
+    up = agentlink("up", str(path), "--redis-url", redis_url, home=home)
+    assert up.returncode == 1
+    assert "agent Sick-1 (group sick on m2) did not become healthy within 2s" in up.stderr
+    assert "model_loaded" in up.stderr  # its last health answer
+    assert "group sick serving 1 agent(s)" in up.stderr  # its last log lines
+    assert "stopped what this run started: sick, base" in up.stderr
+    assert host_pids(home) == []
+
+
+def test_an_agent_that_crashes_at_start_is_named(tmp_path: Path, home: Path,
+                                                  redis_url: str) -> None:
+    path = topology_file(tmp_path, [{"name": "Broken", "class": "tests.unit.agents:Missing",
+                                     "machine": "m1", "group": "b", "port": next(ports(1))}])
+    up = agentlink("up", str(path), "--redis-url", redis_url, home=home)
+    assert up.returncode == 1
+    assert "agent Broken-1 (group b on m1) exited during start" in up.stderr
+    assert "Missing" in up.stderr
+
+
+def test_an_invalid_topology_starts_nothing(tmp_path: Path, home: Path) -> None:
+    path = topology_file(tmp_path, [{"name": "A", "class": ECHO, "machine": "m1",
+                                     "group": "a", "port": 7000, "depends_on": ["A"]}])
+    up = agentlink("up", str(path), home=home)
+    assert up.returncode == 2
+    assert "dependency cycle: A -> A" in up.stderr
+    assert not (home / "run").exists()
+
+
+def test_sigterm_stops_gracefully_after_in_flight_work(tmp_path: Path, home: Path,
+                                                        redis_url: str) -> None:
+    port = next(ports(1))
+    path = topology_file(tmp_path, [{"name": "Slow", "class": "tests.unit.agents:Slow",
+                                     "machine": "m1", "group": "slow", "port": port}])
+    assert agentlink("up", str(path), "--redis-url", redis_url, home=home).returncode == 0
+    client = FailoverClient(Registry(redis_client({"url": redis_url})))
+    result: dict[str, Any] = {}
+    call = threading.Thread(target=lambda: result.update(
+        client.call("Slow", {"sleep": 1.0}, timeout=10)))
+    call.start()
+    metrics = f"http://127.0.0.1:{port + 1}/metrics"
+    eventually(lambda: "agentlink_requests_in_flight 1.0" in urlopen(metrics).read().decode(),
+               what="the request in flight")
+    pid = host_pids(home)[0]
+    process = psutil.Process(pid)
+    os.kill(pid, signal.SIGTERM)
+    eventually(lambda: client.registry.records("Slow") == [], what="deregistered at stop")
+    call.join(10)
+    assert result == {"slept": 1.0, "by": "Slow-1"}  # the in-flight request finished
+    process.wait(15)  # not our child: its exit code is not ours to read, its log is
+    assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    assert "group slow stopped" in (home / "logs" / "slow.log").read_text()
+
+
+def test_a_replica_killed_mid_traffic_loses_no_request(tmp_path: Path, home: Path,
+                                                        redis_url: str) -> None:
+    p = ports(2)
+    path = topology_file(tmp_path, [{"name": "Twin", "class": ECHO, "replicas": 2,
+                                     "placement": [
+                                         {"machine": "m1", "group": "t1", "port": next(p)},
+                                         {"machine": "m2", "group": "t2", "port": next(p)}]}])
+    assert agentlink("up", str(path), "--redis-url", redis_url, home=home).returncode == 0
+    client = FailoverClient(Registry(redis_client({"url": redis_url})))
+    answers: list[str] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(client.call("Twin", {}, timeout=5)["by"])
+            except BaseException as err:
+                failures.append(err)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    eventually(lambda: {"Twin-1", "Twin-2"} <= set(answers), what="traffic to both")
+    victim = json.loads((home / "run" / "t2.json").read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)  # no goodbye: the registry still lists it for a while
+    seen = len(answers)
+    eventually(lambda: len(answers) > seen + 100, what="traffic after the kill")
+    stop.set()
+    thread.join(10)
+    assert failures == []
+    assert set(answers[-20:]) == {"Twin-1"}
+
+
+def test_the_reference_system_comes_up_healthy(tmp_path: Path, home: Path,
+                                                redis_url: str) -> None:
+    reference = ROOT / "topology" / "agents.yml"
+    up = agentlink("up", str(reference), "--redis-url", redis_url, home=home)
+    assert up.returncode == 0, up.stderr
+    status = agentlink("status", "--json", home=home)
+    report = json.loads(status.stdout)
+    assert report["healthy"] and report["total"] == 88 and report["serving"] == 88
+    client = FailoverClient(Registry(redis_client({"url": redis_url})))
+    routed = client.call("RequestCoordinator", {"agent": "RecallAgent", "payload": {
+        "text": "one two two", "hops": 3}})
+    assert routed["agent"] == "RecallAgent"
+    hops = routed["result"]["calls"]
+    assert next(iter(hops.values()))["calls"]  # the request travelled further down
+    health = client.call("SystemHealthManager", {})
+    assert health["resources"]["machine"] == "pc2"

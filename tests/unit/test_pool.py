@@ -1,0 +1,125 @@
+"""The pool: one context, sockets reused, Lazy Pirate retries, thread safety."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from agentlink.pool import Pool, RequestTimeout, get_context, get_pool
+from agentlink.testing import free_ports
+
+
+class EchoRouter:
+    """A real ROUTER peer in a thread; can be stopped and started again on its port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.context = zmq.Context()
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        self.stopping.clear()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(5)
+
+    def _serve(self, ready: threading.Event) -> None:
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"tcp://127.0.0.1:{self.port}")
+        ready.set()
+        while not self.stopping.is_set():
+            if sock.poll(20):
+                ident, empty, *body = sock.recv_multipart()
+                sock.send_multipart([ident, empty, b"re:" + body[-1]])
+        sock.close(linger=0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread:
+            self.thread.join(5)
+
+
+@pytest.fixture
+def peer() -> Iterator[EchoRouter]:
+    router = EchoRouter(free_ports(1)[0])
+    router.start()
+    yield router
+    router.stop()
+    router.context.term()
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    p = Pool(zmq.Context())
+    yield p
+    p.close()
+    p.context.term()
+
+
+def endpoint(peer: EchoRouter) -> str:
+    return f"tcp://127.0.0.1:{peer.port}"
+
+
+def test_request_and_reply(pool: Pool, peer: EchoRouter) -> None:
+    assert pool.request(endpoint(peer), [b"agent", b"hello"]) == [b"re:hello"]
+
+
+def test_one_socket_per_endpoint_reused(pool: Pool, peer: EchoRouter) -> None:
+    for n in range(20):
+        assert pool.request(endpoint(peer), [b"a", str(n).encode()]) == [f"re:{n}".encode()]
+    assert pool.stats.sockets == 1
+    assert pool.stats.requests == 20
+
+
+def test_timeout_raises_and_is_counted(pool: Pool) -> None:
+    dead = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    with pytest.raises(RequestTimeout):
+        pool.request(dead, [b"a", b"x"], timeout=0.2, retries=1)
+    assert pool.stats.timeouts == 2
+    assert pool.stats.reconnects == 1  # the retry ran on a fresh socket
+    assert pool.stats.sockets == 0  # a timed-out socket is closed, not kept
+
+
+def test_reconnects_after_the_peer_restarts(pool: Pool, peer: EchoRouter) -> None:
+    assert pool.request(endpoint(peer), [b"a", b"1"]) == [b"re:1"]
+    peer.stop()
+    with pytest.raises(RequestTimeout):
+        pool.request(endpoint(peer), [b"a", b"2"], timeout=0.3)
+    peer.start()
+    assert pool.request(endpoint(peer), [b"a", b"3"], timeout=2.0, retries=2) == [b"re:3"]
+    assert pool.stats.reconnects >= 1
+
+
+def test_concurrent_threads_each_get_their_own_reply(pool: Pool, peer: EchoRouter) -> None:
+    results: dict[int, list[bytes]] = {}
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for k in range(25):
+                body = f"{n}-{k}".encode()
+                reply = pool.request(endpoint(peer), [b"a", body], timeout=5.0)
+                results.setdefault(n, []).append(reply[0])
+                assert reply == [b"re:" + body]
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert sum(len(v) for v in results.values()) == 8 * 25
+    assert 1 <= pool.stats.sockets <= 8  # reused, at most one per concurrent caller
+
+
+def test_the_process_has_one_context() -> None:
+    assert get_pool() is get_pool()
+    assert get_context() is get_pool().context

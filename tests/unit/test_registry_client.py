@@ -1,0 +1,146 @@
+"""Registry (TTL, drain, Redis outages) and failover client (round-robin, sticky, failover)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from contextlib import ExitStack
+
+import pytest
+
+from agentlink import protocol
+from agentlink.client import FailoverClient, NoInstance
+from agentlink.redis_server import RedisServer
+from agentlink.registry import InstanceRecord, Registry, redis_client
+from agentlink.testing import AgentSpec, run_group
+
+from .conftest import eventually
+
+ECHO = "tests.unit.agents:Echo"
+MEMORY = "agentlink.reference.core:MemoryOrchestratorService"
+
+
+def record(instance: str, state: str = "healthy") -> InstanceRecord:
+    return InstanceRecord(agent="A", instance=instance, machine="m", group="g",
+                          endpoint="tcp://127.0.0.1:1", http="http://127.0.0.1:2", state=state)
+
+
+def test_discovery_returns_fresh_serving_undrained_instances(registry: Registry) -> None:
+    registry.register([record("A-1"), record("A-2", "starting"), record("A-3", "degraded"),
+                       record("A-4", "unhealthy")])
+    assert {r.instance for r in registry.discover("A")} == {"A-1", "A-3"}
+    registry.set_drain("A", "A-1", True)
+    assert {r.instance for r in registry.discover("A")} == {"A-3"}
+    assert next(r for r in registry.records("A") if r.instance == "A-1").drained
+    registry.set_drain("A", "A-1", False)
+    assert {r.instance for r in registry.discover("A")} == {"A-1", "A-3"}
+
+
+def test_an_instance_without_heartbeat_expires(redis_url: str) -> None:
+    short = Registry(redis_client({"url": redis_url}), ttl=0.3)
+    short.register([record("A-1")])
+    assert short.discover("A")
+    eventually(lambda: short.discover("A") == [], what="expiry")
+
+
+def test_deregister_removes_at_once(registry: Registry) -> None:
+    registry.register([record("A-1")])
+    registry.deregister([record("A-1")])
+    assert registry.records("A") == []
+
+
+def test_round_robin_spreads_over_replicas(redis_url: str) -> None:
+    with ExitStack() as stack:
+        for n in (1, 2, 3):
+            stack.enter_context(run_group([AgentSpec("Twin", ECHO, index=n)], redis_url,
+                                          group=f"twin-{n}"))
+        client = FailoverClient(Registry(redis_client({"url": redis_url})))
+        served = Counter(client.call("Twin", n)["by"] for n in range(30))
+    assert served == {"Twin-1": 10, "Twin-2": 10, "Twin-3": 10}
+
+
+def test_sticky_routing_by_key_for_stateful_agents(redis_url: str) -> None:
+    with ExitStack() as stack:
+        for n in (1, 2):
+            stack.enter_context(run_group([AgentSpec("Memory", ECHO, index=n)], redis_url,
+                                          group=f"mem-{n}", stateful=["Memory"]))
+        client = FailoverClient(Registry(redis_client({"url": redis_url})),
+                                stateful={"Memory"})
+        by_key = {key: {client.call("Memory", {}, key=key)["by"] for _ in range(5)}
+                  for key in (f"user-{n}" for n in range(20))}
+    assert all(len(owners) == 1 for owners in by_key.values())  # each key sticks
+    assert len(set().union(*by_key.values())) == 2  # and keys spread over both
+
+
+def test_a_replica_stopped_mid_traffic_loses_no_request(redis_url: str) -> None:
+    failures: list[BaseException] = []
+    answers: list[str] = []
+    stop = threading.Event()
+    with run_group([AgentSpec("Twin", ECHO, index=1)], redis_url, group="twin-1"):
+        second = run_group([AgentSpec("Twin", ECHO, index=2)], redis_url, group="twin-2")
+        host2 = second.__enter__()
+        client = FailoverClient(Registry(redis_client({"url": redis_url})))
+
+        def traffic() -> None:
+            while not stop.is_set():
+                try:
+                    answers.append(client.call("Twin", {}, timeout=5)["by"])
+                except BaseException as err:
+                    failures.append(err)
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        eventually(lambda: "Twin-2" in answers, what="traffic to Twin-2")
+        host2.stop()  # a replica goes away mid-traffic
+        seen = len(answers)
+        eventually(lambda: len(answers) > seen + 50, what="traffic after the stop")
+        stop.set()
+        thread.join(10)
+        second.__exit__(None, None, None)
+    assert failures == []
+    assert answers[-1] == "Twin-1"
+
+
+def test_handler_errors_are_not_retried_elsewhere(redis_url: str) -> None:
+    failing = "tests.unit.agents:Failing"
+    with run_group([AgentSpec("F", failing, index=1)], redis_url, group="f1"), \
+            run_group([AgentSpec("F", failing, index=2)], redis_url, group="f2"):
+        client = FailoverClient(Registry(redis_client({"url": redis_url})))
+        with pytest.raises(protocol.RemoteError):
+            client.call("F", {})
+        assert client.failovers == 0
+
+
+def test_no_instance_fails_within_the_deadline(redis_url: str) -> None:
+    client = FailoverClient(Registry(redis_client({"url": redis_url})))
+    with pytest.raises(NoInstance, match="Ghost"):
+        client.call("Ghost", {}, timeout=0.3)
+
+
+def test_redis_outage_degrades_then_heals_and_keeps_state(redis_server: RedisServer,
+                                                          redis_url: str) -> None:
+    with run_group([AgentSpec("Memory", MEMORY)], redis_url, group="mem") as host, \
+            run_group([AgentSpec("Echo", ECHO)], redis_url, group="echo"):
+        client = FailoverClient(Registry(redis_client({"url": redis_url})),
+                                stateful={"Memory"})
+        assert client.call("Memory", {"op": "put", "key": "k", "value": 42}, key="k")["stored"]
+        assert client.call("Echo", "before")["echo"] == "before"
+        redis_server.stop()
+        try:
+            eventually(lambda: host.health()["agents"]["Memory-1"]["state"] == "degraded",
+                       what="degraded while Redis is away")
+
+            def degraded_checks() -> set[str]:
+                return {c["name"] for c in host.health()["agents"]["Memory-1"]["checks"]
+                        if c["status"] == "degraded"}
+
+            eventually(lambda: degraded_checks() == {"registry", "state_store"},
+                       what="registry and state store both degraded")
+            # Known instances keep serving from the last discovery.
+            assert client.call("Echo", "during", timeout=3)["echo"] == "during"
+        finally:
+            redis_server.start()
+        eventually(lambda: host.health()["state"] == "healthy", what="healthy again")
+        eventually(lambda: {r.instance for r in host.registry.discover("Memory")} ==
+                   {"Memory-1"}, what="re-registered")
+        assert client.call("Memory", {"op": "get", "key": "k"}, key="k")["value"] == 42
