@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEBIAN_PACKAGES := redis-server
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/lab
 
-.PHONY: deploy test lint unit down status bench bench-runtime bench-deploy system docker local-up local-down
+.PHONY: deploy test lint unit molecule down status bench bench-runtime bench-deploy system docker local-up local-down
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -48,7 +48,11 @@ lint: $(STAMP)
 unit: $(STAMP) system
 	$(BIN)/pytest
 
-test: lint unit
+# Deploy on the lab, converge again (must change nothing), verify, destroy.
+molecule: $(STAMP) system docker
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s default
+
+test: lint unit molecule
 
 bench-runtime: $(STAMP) system
 	$(BIN)/python bench/runtime.py

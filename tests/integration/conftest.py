@@ -1,0 +1,44 @@
+"""The deployed lab, as the tests see it: addresses from the inventory, the topology."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import pytest
+import yaml
+
+from agentlink.registry import Registry, redis_client
+from agentlink.topology import Topology, load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Lab:
+    topology: Topology
+    addresses: dict[str, str]  # machine -> address, from inventory/lab
+
+    @property
+    def sentinels(self) -> list[str]:
+        return [f"{address}:26379" for address in self.addresses.values()]
+
+    def registry(self) -> Registry:
+        return Registry(redis_client({"sentinels": self.sentinels, "service": "agentlink"}))
+
+
+@pytest.fixture(scope="session")
+def lab() -> Lab:
+    """The running lab; skipped when none is deployed, a failure under molecule verify."""
+    try:
+        docker.from_env().containers.get("agentlink-mainpc-core")
+    except docker.errors.DockerException as err:
+        if os.environ.get("AGENTLINK_REQUIRE_LAB"):
+            pytest.fail(f"the lab must be deployed here: {err}")
+        pytest.skip(f"no lab deployed ({err}); make deploy first")
+    hosts = yaml.safe_load((ROOT / "inventory" / "lab" / "hosts.yml").read_text())
+    machines = hosts["all"]["children"]["agent_machines"]["hosts"]
+    return Lab(load(ROOT / "topology" / "agents.yml"),
+               {name: vars_["agentlink_address"] for name, vars_ in machines.items()})
