@@ -45,7 +45,7 @@ local-down: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench library filter_plugins roles
 
-unit: $(STAMP) system
+unit: $(STAMP) system docker
 	$(BIN)/pytest
 
 # Deploy on the lab, converge again (must change nothing), verify, destroy.

@@ -1,0 +1,59 @@
+"""site.yml refuses bad input before it builds or starts anything."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import docker
+import yaml
+
+from agentlink.testing import free_ports
+
+from .conftest import ROOT
+
+PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+
+
+def site(inventory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(PLAYBOOK), "-i", str(inventory), "site.yml", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def project_containers() -> set[str]:
+    return {c.name for c in docker.from_env().containers.list(all=True)
+            if c.name.startswith("agentlink-")}
+
+
+def test_an_invalid_topology_stops_before_anything_is_built(tmp_path: Path) -> None:
+    before = project_containers()
+    bad = tmp_path / "agents.yml"
+    bad.write_text("machines: {mainpc: {}}\nagents:\n"
+                   "  - {name: HealthMonitor, class: 'm:C', machine: mainpc, group: g,"
+                   " port: 7000, depends_on: [PerformanceMonitor]}\n"
+                   "  - {name: PerformanceMonitor, class: 'm:C', machine: mainpc, group: g,"
+                   " port: 7000, depends_on: [HealthMonitor]}\n")
+    result = site(ROOT / "inventory" / "lab", "-e", f"agentlink_topology={bad}")
+    assert result.returncode != 0
+    assert "HealthMonitor -> PerformanceMonitor -> HealthMonitor" in result.stdout
+    assert "Build the runtime" not in result.stdout  # stopped in preflight
+    assert project_containers() == before
+
+
+def test_an_unreachable_machine_stops_the_run_everywhere(tmp_path: Path) -> None:
+    before = project_containers()
+    inventory = tmp_path / "inventory"
+    shutil.copytree(ROOT / "inventory" / "lab" / "group_vars", inventory / "group_vars")
+    hosts = yaml.safe_load((ROOT / "inventory" / "lab" / "hosts.yml").read_text())
+    pc2 = hosts["all"]["children"]["agent_machines"]["hosts"]["pc2"]
+    # SSH to a closed port on loopback: refused at once, nothing leaves this machine.
+    pc2.update(ansible_connection="ssh", ansible_host="127.0.0.1",
+               ansible_port=free_ports(1)[0])
+    (inventory / "hosts.yml").write_text(yaml.safe_dump(hosts))
+    result = site(inventory)
+    assert result.returncode != 0
+    assert "fatal: [pc2]: UNREACHABLE!" in result.stdout
+    assert "Render the configs" not in result.stdout  # mainpc was not touched either
+    assert project_containers() == before
