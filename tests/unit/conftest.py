@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,37 @@ def eventually(predicate: Callable[[], object], timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout:g}s")
         time.sleep(0.02)
+
+
+class Traffic:
+    """Calls `call()` in a loop on a thread; keeps every answer and every failure."""
+
+    def __init__(self, call: Callable[[], str]) -> None:
+        self.call = call
+        self.answers: list[str] = []
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.answers.append(self.call())
+            except BaseException as err:
+                self.failures.append(err)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def more_than(self, extra: int) -> None:
+        """Wait until `extra` more requests have been answered from now."""
+        seen = len(self.answers)
+        eventually(lambda: len(self.answers) > seen + extra, what=f"{extra} more answers")
 
 
 @pytest.fixture(scope="session")

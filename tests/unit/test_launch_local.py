@@ -21,7 +21,7 @@ from agentlink.client import FailoverClient
 from agentlink.registry import Registry, redis_client
 from agentlink.testing import free_ports
 
-from .conftest import ROOT, eventually
+from .conftest import ROOT, Traffic, eventually
 
 ECHO = "tests.unit.agents:Echo"
 
@@ -160,28 +160,13 @@ def test_a_replica_killed_mid_traffic_loses_no_request(tmp_path: Path, home: Pat
                                          {"machine": "m2", "group": "t2", "port": next(p)}]}])
     assert agentlink("up", str(path), "--redis-url", redis_url, home=home).returncode == 0
     client = FailoverClient(Registry(redis_client({"url": redis_url})))
-    answers: list[str] = []
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            try:
-                answers.append(client.call("Twin", {}, timeout=5)["by"])
-            except BaseException as err:
-                failures.append(err)
-
-    thread = threading.Thread(target=traffic)
-    thread.start()
-    eventually(lambda: {"Twin-1", "Twin-2"} <= set(answers), what="traffic to both")
-    victim = json.loads((home / "run" / "t2.json").read_text())["pid"]
-    os.kill(victim, signal.SIGKILL)  # no goodbye: the registry still lists it for a while
-    seen = len(answers)
-    eventually(lambda: len(answers) > seen + 100, what="traffic after the kill")
-    stop.set()
-    thread.join(10)
-    assert failures == []
-    assert set(answers[-20:]) == {"Twin-1"}
+    with Traffic(lambda: client.call("Twin", {}, timeout=5)["by"]) as traffic:
+        eventually(lambda: {"Twin-1", "Twin-2"} <= set(traffic.answers), what="both answer")
+        victim = json.loads((home / "run" / "t2.json").read_text())["pid"]
+        os.kill(victim, signal.SIGKILL)  # no goodbye: the registry lists it for a while
+        traffic.more_than(100)
+    assert traffic.failures == []
+    assert set(traffic.answers[-20:]) == {"Twin-1"}
 
 
 def test_the_reference_system_comes_up_healthy(tmp_path: Path, home: Path,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from contextlib import ExitStack
 
@@ -14,7 +13,7 @@ from agentlink.redis_server import RedisServer
 from agentlink.registry import InstanceRecord, Registry, redis_client
 from agentlink.testing import AgentSpec, run_group
 
-from .conftest import eventually
+from .conftest import Traffic, eventually
 
 ECHO = "tests.unit.agents:Echo"
 MEMORY = "agentlink.reference.core:MemoryOrchestratorService"
@@ -73,32 +72,15 @@ def test_sticky_routing_by_key_for_stateful_agents(redis_url: str) -> None:
 
 
 def test_a_replica_stopped_mid_traffic_loses_no_request(redis_url: str) -> None:
-    failures: list[BaseException] = []
-    answers: list[str] = []
-    stop = threading.Event()
-    with run_group([AgentSpec("Twin", ECHO, index=1)], redis_url, group="twin-1"):
-        second = run_group([AgentSpec("Twin", ECHO, index=2)], redis_url, group="twin-2")
-        host2 = second.__enter__()
+    with run_group([AgentSpec("Twin", ECHO, index=1)], redis_url, group="twin-1"), \
+            run_group([AgentSpec("Twin", ECHO, index=2)], redis_url, group="twin-2") as host2:
         client = FailoverClient(Registry(redis_client({"url": redis_url})))
-
-        def traffic() -> None:
-            while not stop.is_set():
-                try:
-                    answers.append(client.call("Twin", {}, timeout=5)["by"])
-                except BaseException as err:
-                    failures.append(err)
-
-        thread = threading.Thread(target=traffic)
-        thread.start()
-        eventually(lambda: "Twin-2" in answers, what="traffic to Twin-2")
-        host2.stop()  # a replica goes away mid-traffic
-        seen = len(answers)
-        eventually(lambda: len(answers) > seen + 50, what="traffic after the stop")
-        stop.set()
-        thread.join(10)
-        second.__exit__(None, None, None)
-    assert failures == []
-    assert answers[-1] == "Twin-1"
+        with Traffic(lambda: client.call("Twin", {}, timeout=5)["by"]) as traffic:
+            eventually(lambda: "Twin-2" in traffic.answers, what="traffic to Twin-2")
+            host2.stop()  # a replica goes away mid-traffic
+            traffic.more_than(50)
+    assert traffic.failures == []
+    assert traffic.answers[-1] == "Twin-1"
 
 
 def test_handler_errors_are_not_retried_elsewhere(redis_url: str) -> None:
