@@ -31,6 +31,7 @@ from agentlink.pool import get_pool
 from agentlink.registry import InstanceRecord, Registry, redis_client
 
 log = logging.getLogger("agentlink.host")
+REPLY_LINGER_MS = 1000
 
 
 @dataclass
@@ -252,14 +253,17 @@ class AgentHost:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
         try:
+            # In flight ends when this thread has sent the reply, so a stop never drops one.
             while not (self.stopping.is_set() and self._inflight == 0):
                 for sock, _ in poller.poll(50):
                     if sock is self._router:
                         self._dispatch(self._router.recv_multipart())
                     else:
                         self._router.send_multipart(self._replies.recv_multipart())
+                        with self._inflight_lock:
+                            self._inflight -= 1
         finally:
-            self._router.close(linger=0)
+            self._router.close(linger=REPLY_LINGER_MS)  # let the last replies leave
             self._replies.close(linger=0)
             self._io_done.set()
 
@@ -300,11 +304,7 @@ class AgentHost:
             code = protocol.HANDLER_ERROR
             reply = protocol.error(code, f"{type(err).__name__}: {err}")
         self.metrics.observe(slot.spec.agent, time.perf_counter() - started, code)
-        try:
-            self._pusher().send_multipart([ident, b"", reply])
-        finally:
-            with self._inflight_lock:
-                self._inflight -= 1
+        self._pusher().send_multipart([ident, b"", reply])
 
     def _pusher(self) -> zmq.Socket[bytes]:
         sock = getattr(self._local, "push", None)
