@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROLES = sorted((Path(__file__).resolve().parents[2] / "roles").iterdir())
+ROOT = Path(__file__).resolve().parents[2]
+ROLES = sorted((ROOT / "roles").iterdir())
 
 
 @pytest.mark.parametrize("role", ROLES, ids=lambda r: r.name)
@@ -25,3 +28,21 @@ def test_defaults_and_argument_specs_have_the_same_keys(role: Path) -> None:
 def test_public_variables_carry_the_role_prefix(role: Path) -> None:
     defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text()) or {}
     assert all(name.startswith(f"{role.name}_") for name in defaults)
+
+
+TOOLKIT_YAML = [ROOT / "site.yml", *sorted(
+    path for folder in ("roles", "playbooks", "inventory", "molecule", ".config", "topology")
+    for path in (ROOT / folder).rglob("*.yml"))]
+
+
+@pytest.mark.parametrize("path", TOOLKIT_YAML, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_toolkit_yaml_file_parses(path: Path) -> None:
+    yaml.safe_load(path.read_text())
+
+
+def test_playbooks_pass_ansible_syntax_check() -> None:
+    playbook = Path(sys.executable).parent / "ansible-playbook"
+    for name in ("site.yml", "playbooks/lab-down.yml"):
+        result = subprocess.run([str(playbook), "--syntax-check", name], cwd=ROOT,
+                                capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
