@@ -76,7 +76,9 @@ def main() -> int:
     if args.cold:
         client = docker.from_env()
         for image in client.images.list(name="agentlink/*"):
-            client.images.remove(image.id, force=True)
+            for tag in image.tags:  # untag; the layers go with the prune below
+                client.images.remove(tag)
+        client.images.prune(filters={"dangling": False, "label": "io.agentlink.stage=builder"})
         client.images.prune(filters={"dangling": True})
         print("deploying cold (debootstrap, builds) ...", flush=True)
         runs["cold, images built"] = playbook("site.yml")
