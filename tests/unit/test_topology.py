@@ -100,25 +100,19 @@ def test_same_port_on_two_machines_is_fine(tmp_path: Path) -> None:
     assert problems(tmp_path, text) == []
 
 
+def replicated(replicas: int, *placements: tuple[str, str]) -> str:
+    """A replicated agent Twin with one placement (machine, group) per entry, port 7000."""
+    lines = "".join(f"      - {{machine: {m}, group: {g}, port: 7000}}\n" for m, g in placements)
+    return f"  - name: Twin\n    class: 'm:C'\n    replicas: {replicas}\n    placement:\n{lines}"
+
+
 def test_replicas_in_one_process(tmp_path: Path) -> None:
-    text = HEAD + """  - name: Twin
-    class: 'm:C'
-    replicas: 2
-    placement:
-      - {machine: mainpc, group: g, port: 7000}
-      - {machine: mainpc, group: g, port: 7000}
-"""
+    text = HEAD + replicated(2, ("mainpc", "g"), ("mainpc", "g"))
     assert "two replicas in one process (group 'g')" in only(tmp_path, text)
 
 
 def test_replica_count_must_match_placements(tmp_path: Path) -> None:
-    text = HEAD + """  - name: Twin
-    class: 'm:C'
-    replicas: 3
-    placement:
-      - {machine: mainpc, group: a, port: 7000}
-      - {machine: pc2, group: b, port: 7000}
-"""
+    text = HEAD + replicated(3, ("mainpc", "a"), ("pc2", "b"))
     assert "replicas is 3 but 2 placement(s) given" in only(tmp_path, text)
 
 
