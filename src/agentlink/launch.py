@@ -123,6 +123,7 @@ class Launcher:
         reports = []
         agent_layers = self.topology.layers()
         units = plan(self.topology)
+        by_group = {unit.name: unit for layer in units for unit in layer}
         for index, agents in enumerate(agent_layers):
             layer_begun = time.monotonic()
             report = LayerReport(index, agents)
@@ -134,7 +135,7 @@ class Launcher:
                           f"{len(report.started)} host(s), {len(report.unchanged)} unchanged; "
                           "waiting for health")
             try:
-                self._gate(agents)
+                self._gate(agents, by_group)
             except LaunchError as err:
                 self._rollback(started, err)
                 raise
@@ -149,9 +150,8 @@ class Launcher:
         with ThreadPoolExecutor(max_workers=min(8, len(units))) as pool:
             return list(zip(units, pool.map(self.backend.start, units), strict=True))
 
-    def _gate(self, agents: list[str]) -> None:
+    def _gate(self, agents: list[str], units: dict[str, Unit]) -> None:
         """Wait until every instance of these agents is healthy, or fail naming one."""
-        units = {u.name: u for layer in plan(self.topology) for u in layer}
         pending = {inst.id: units[inst.placement.group] for inst in self.topology.instances
                    if inst.agent.name in agents}
         timeouts = {a: self.topology.agents[a].health_timeout for a in agents}

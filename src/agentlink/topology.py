@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,8 @@ class Topology:
         default = f"{machine.upper().replace('-', '_')}_HOST"
         return str((self.machines.get(machine) or {}).get("address_env", default))
 
-    @property
+    # A topology does not change once loaded: what is derived from it is computed once.
+    @cached_property
     def instances(self) -> list[Instance]:
         return [
             Instance(agent, index, placement)
@@ -123,7 +125,7 @@ class Topology:
             for index, placement in enumerate(agent.placements, start=1)
         ]
 
-    @property
+    @cached_property
     def groups(self) -> dict[str, Group]:
         groups: dict[str, Group] = {}
         for inst in self.instances:
@@ -133,10 +135,15 @@ class Topology:
 
     def layers(self) -> list[list[str]]:
         """Agent names by start layer: an agent starts one layer after its latest dependency."""
-        return layers_of({a.name: a.depends_on for a in self.agents.values()})
+        return [list(names) for names in self._layers]
+
+    @cached_property
+    def _layers(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(names) for names in
+                     layers_of({a.name: a.depends_on for a in self.agents.values()}))
 
     def layer_of(self) -> dict[str, int]:
-        return {name: i for i, names in enumerate(self.layers()) for name in names}
+        return {name: i for i, names in enumerate(self._layers) for name in names}
 
     def group_layer(self, group: Group) -> int:
         """A host process starts at the layer of its earliest agent."""
