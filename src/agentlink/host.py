@@ -32,6 +32,7 @@ from agentlink.registry import InstanceRecord, Registry, redis_client
 
 log = logging.getLogger("agentlink.host")
 REPLY_LINGER_MS = 1000
+DRAIN_GRACE_S = 0.5
 
 
 @dataclass
@@ -254,7 +255,11 @@ class AgentHost:
         poller.register(self._replies, zmq.POLLIN)
         try:
             # In flight ends when this thread has sent the reply, so a stop never drops one.
-            while not (self.stopping.is_set() and self._inflight == 0):
+            # After the last reply the socket stays open (and answers late requests with
+            # `unavailable`) for a short grace: closing at once lost replies that libzmq had
+            # not yet written, linger or not.
+            drained_at = None
+            while drained_at is None or time.monotonic() - drained_at < DRAIN_GRACE_S:
                 for sock, _ in poller.poll(50):
                     if sock is self._router:
                         self._dispatch(self._router.recv_multipart())
@@ -262,6 +267,8 @@ class AgentHost:
                         self._router.send_multipart(self._replies.recv_multipart())
                         with self._inflight_lock:
                             self._inflight -= 1
+                if drained_at is None and self.stopping.is_set() and self._inflight == 0:
+                    drained_at = time.monotonic()
         finally:
             self._router.close(linger=REPLY_LINGER_MS)  # let the last replies leave
             self._replies.close(linger=0)
@@ -353,6 +360,11 @@ def run(config: HostConfig) -> int:
     """Run a host until SIGTERM or SIGINT, then stop gracefully."""
     import signal
 
+    # Block the stop signals before any thread exists, so every thread (ours and libzmq's)
+    # inherits the mask and none is interrupted mid-call; the main thread takes the signal
+    # synchronously below.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     host = AgentHost(config)
     try:
         host.start()
@@ -360,10 +372,10 @@ def run(config: HostConfig) -> int:
         log.error("group %s cannot start: %s (is another process on port %d or %d?)",
                   config.group, err, config.port, config.http_port)
         return 1
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    received = signal.sigwait(stop_signals)
+    log.info("group %s received %s: stopping", config.group, signal.Signals(received).name)
     host.stop()
+    # Terminating the context is what lets the last replies leave: libzmq sends what the
+    # lingering sockets still hold. Without it the process exits and drops them.
+    host.pool.context.destroy(linger=REPLY_LINGER_MS)
     return 0
-
