@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+    from agentlink.registry import Registry
 
 State = Literal["starting", "healthy", "degraded", "unhealthy"]
 CheckStatus = Literal["ok", "degraded", "failed"]
@@ -109,6 +114,19 @@ class AgentContext:
     call: Caller | None = None
     state: StateStore = field(default_factory=MemoryState)
     stats: Callable[[], dict[str, Any]] | None = None
+    # The whole system as the startup config describes it (agents, groups, monitoring
+    # addresses): what an agent that looks after other agents needs to know.
+    system: dict[str, Any] = field(default_factory=dict)
+    registry: Registry | None = None
+
+
+@dataclass(frozen=True)
+class WebReply:
+    """An agent's answer to a GET on its host's HTTP port."""
+
+    status: int
+    content_type: str
+    body: bytes
 
 
 class BaseAgent:
@@ -126,6 +144,15 @@ class BaseAgent:
     def check_health(self) -> dict[str, bool | Degraded]:
         """Named checks of the agent's own: True ok, False failed, Degraded('why') impaired."""
         return {}
+
+    def web(self, path: str) -> WebReply | None:
+        """Answer a GET on the host's HTTP port (beside /health and /metrics); None: not mine.
+        The port is read-only: an agent serves pages and JSON here, never changes state."""
+        return None
+
+    def collect_metrics(self) -> Iterable[Metric]:
+        """Prometheus metrics of the agent's own, read at every scrape of its host."""
+        return ()
 
     def call(self, agent: str, payload: Any, key: str | None = None,
              timeout: float | None = None) -> Any:

@@ -40,13 +40,42 @@ def expand(text: str, env: Mapping[str, str] | None = None) -> str:
     return _VAR.sub(value, text)
 
 
+def system_layout(topology: Topology, addresses: Mapping[str, str],
+                  monitoring: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Every agent and host of the system, for the agents that look after the others:
+    where each instance runs, its start layer, and each host's HTTP address.
+
+    `monitoring` places services as `{"alertmanager": {"machine": "pc2", "port": 9093}}`;
+    they become URLs with the machine's address as ${VAR:-default}.
+    """
+
+    def url(machine: str, port: int) -> str:
+        return f"http://${{{topology.address_env(machine)}:-{addresses[machine]}}}:{port}"
+
+    layer = topology.layer_of()
+    agents = [{"name": a.name, "layer": layer[a.name], "replicas": a.replicas,
+               "stateful": a.stateful, "memory_mb": a.memory_mb}
+              for a in topology.agents.values()]
+    instances = [{"agent": i.agent.name, "instance": i.id, "machine": i.placement.machine,
+                  "group": i.placement.group} for i in topology.instances]
+    groups = {g.name: {"machine": g.machine, "layer": topology.group_layer(g),
+                       "http": url(g.machine, g.http_port)}
+              for g in topology.groups.values()}
+    services = {name: url(str(where["machine"]), int(where["port"]))
+                for name, where in (monitoring or {}).items()}
+    return {"agents": agents, "instances": instances, "groups": groups, "monitoring": services}
+
+
 def render_startup_config(topology: Topology, machine: str,
                           addresses: Mapping[str, str], redis: Mapping[str, Any],
-                          registry: Mapping[str, float] | None = None) -> dict[str, Any]:
+                          registry: Mapping[str, float] | None = None,
+                          monitoring: Mapping[str, Mapping[str, Any]] | None = None,
+                          ) -> dict[str, Any]:
     """The startup config of one machine: its groups, with addresses as ${VAR:-default}.
 
     `addresses` maps each machine to its default address (from inventory); `redis` is
-    `{"url": ...}` or `{"sentinels": [...], "service": ...}` and may use ${VAR} itself.
+    `{"url": ...}` or `{"sentinels": [...], "service": ...}` and may use ${VAR} itself;
+    `monitoring` says where Prometheus and Alertmanager run (see system_layout).
     """
     groups: dict[str, Any] = {}
     for group in topology.groups.values():
@@ -72,6 +101,7 @@ def render_startup_config(topology: Topology, machine: str,
         "registry": dict(registry or {"ttl": 6.0, "heartbeat": 2.0}),
         "stateful_agents": sorted(a.name for a in topology.agents.values() if a.stateful),
         "groups": groups,
+        "system": system_layout(topology, addresses, monitoring),
     }
 
 
@@ -88,11 +118,13 @@ def sentinel_settings(topology: Topology, addresses: Mapping[str, str], port: in
 
 
 def startup_config_for(topology_path: str, machine: str, addresses: Mapping[str, str],
-                       sentinel_port: int, service: str) -> dict[str, Any]:
+                       sentinel_port: int, service: str,
+                       monitoring: Mapping[str, Mapping[str, Any]] | None = None,
+                       ) -> dict[str, Any]:
     """A machine's startup config with Redis through Sentinel (what the Ansible role uses)."""
     topology = load(topology_path)
     redis = sentinel_settings(topology, addresses, sentinel_port, service)
-    return render_startup_config(topology, machine, addresses, redis)
+    return render_startup_config(topology, machine, addresses, redis, monitoring=monitoring)
 
 
 def write_startup_config(config: dict[str, Any], path: Path) -> None:
@@ -120,4 +152,5 @@ def load_host_config(path: str | Path, group: str,
                                 options=dict(i.get("options") or {}))
                    for i in g["instances"]],
         ttl=float(registry.get("ttl", 6.0)), heartbeat=float(registry.get("heartbeat", 2.0)),
+        system=dict(doc.get("system") or {}),
     )

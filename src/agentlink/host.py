@@ -24,11 +24,20 @@ import redis
 import zmq
 
 from agentlink import protocol
-from agentlink.agent import AgentContext, BaseAgent, Check, Health, checks_of, evaluate
+from agentlink.agent import (
+    AgentContext,
+    BaseAgent,
+    Check,
+    Health,
+    WebReply,
+    checks_of,
+    evaluate,
+)
 from agentlink.client import FailoverClient
 from agentlink.metrics import HostMetrics
 from agentlink.pool import get_pool
 from agentlink.registry import InstanceRecord, Registry, redis_client
+from agentlink.resources import host_sample
 
 log = logging.getLogger("agentlink.host")
 REPLY_LINGER_MS = 1000
@@ -59,6 +68,7 @@ class HostConfig:
     heartbeat: float = 2.0
     workers: int = 8
     stop_deadline: float = 10.0
+    system: dict[str, Any] = field(default_factory=dict)  # see render_startup_config
 
 
 class RedisState:
@@ -131,7 +141,7 @@ class AgentHost:
         context = AgentContext(
             name=spec.agent, instance=spec.instance, machine=cfg.machine, options=spec.options,
             call=self.client.call, state=RedisState(self.redis, spec.agent),
-            stats=self.metrics.snapshot)
+            stats=self.metrics.snapshot, system=cfg.system, registry=self.registry)
         record = InstanceRecord(
             agent=spec.agent, instance=spec.instance, machine=cfg.machine, group=cfg.group,
             endpoint=f"tcp://{cfg.advertise_host}:{cfg.port}",
@@ -230,6 +240,9 @@ class AgentHost:
             if (due or not self.registry.available) and self.registry.register(
                     [s.record for s in self.slots.values()]):
                 last_beat = now
+                self.registry.publish_resources(self.config.group, host_sample(
+                    self.config.group, self.config.machine, list(self.slots),
+                    self.metrics.process))
             starting = any(not s.ready for s in self.slots.values())
             self.stopping.wait(0.05 if starting else min(0.5, self.config.heartbeat))
 
@@ -332,12 +345,25 @@ def _http_handler(host: AgentHost) -> type[BaseHTTPRequestHandler]:
                 body, status = self._health(self.path[len("/health/"):])
                 ctype = "application/json"
             else:
-                body, ctype, status = b'{"error": "not found"}', "application/json", 404
+                reply = self._agent_page()
+                body, ctype, status = reply.body, reply.content_type, reply.status
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def _agent_page(self) -> WebReply:
+            for slot in host.slots.values():
+                try:
+                    reply = slot.agent.web(self.path)
+                except Exception as err:  # an agent's page must never take the port down
+                    log.exception("%s failed to answer GET %s", slot.spec.instance, self.path)
+                    body = json.dumps({"error": f"{type(err).__name__}: {err}"}).encode()
+                    return WebReply(500, "application/json", body)
+                if reply is not None:
+                    return reply
+            return WebReply(404, "application/json", b'{"error": "not found"}')
 
         def _health(self, name: str) -> tuple[bytes, int]:
             report = host.health()

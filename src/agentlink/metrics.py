@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agentlink.resources import cgroup_memory_limit
+
 if TYPE_CHECKING:
     from agentlink.host import AgentHost
 
@@ -20,14 +22,16 @@ STATES = ("starting", "healthy", "degraded", "unhealthy")
 class _LiveCollector(Collector):
     """Values read at scrape time: health, process resources, pool and registry."""
 
-    def __init__(self, host: AgentHost) -> None:
+    def __init__(self, host: AgentHost, process: psutil.Process) -> None:
         self.host = host
-        self.process = psutil.Process()
+        self.process = process
+        self.memory_limit = cgroup_memory_limit()
 
     def collect(self) -> Iterator[Metric]:
+        # "agent_instance", not "instance": Prometheus owns "instance" (the scrape target).
         health = GaugeMetricFamily("agentlink_agent_health",
                                    "1 for the instance's current health state",
-                                   labels=["agent", "instance", "group", "state"])
+                                   labels=["agent", "agent_instance", "group", "state"])
         for slot in self.host.slots.values():
             for state in STATES:
                 health.add_metric([slot.spec.agent, slot.spec.instance, self.host.config.group,
@@ -38,6 +42,12 @@ class _LiveCollector(Collector):
                                    "Resident memory of the agent host process", labels=["group"])
         memory.add_metric(group, float(self.process.memory_info().rss))
         yield memory
+        if self.memory_limit is not None:
+            limit = GaugeMetricFamily("agentlink_process_memory_limit_bytes",
+                                      "Memory limit of the host's container (its cgroup)",
+                                      labels=["group"])
+            limit.add_metric(group, float(self.memory_limit))
+            yield limit
         cpu = CounterMetricFamily("agentlink_process_cpu_seconds",
                                   "CPU time of the agent host process", labels=["group"])
         times = self.process.cpu_times()
@@ -61,6 +71,8 @@ class _LiveCollector(Collector):
                                 "Seconds since the registry last answered", value=age)
         yield GaugeMetricFamily("agentlink_registry_up", "1 when Redis answers",
                                 value=1.0 if registry.available else 0.0)
+        for slot in self.host.slots.values():
+            yield from slot.agent.collect_metrics()
 
 
 class HostMetrics:
@@ -74,7 +86,8 @@ class HostMetrics:
                                   ["agent"], registry=self.registry,
                                   buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
                                            1, 2.5, 5))
-        self.registry.register(_LiveCollector(host))
+        self.process = psutil.Process()
+        self.registry.register(_LiveCollector(host, self.process))
         self._host = host
 
     def observe(self, agent: str, seconds: float, error_code: str) -> None:
@@ -91,6 +104,5 @@ class HostMetrics:
 
     def snapshot(self) -> dict[str, Any]:
         """Figures an agent may report about its own process (used by the monitoring agents)."""
-        process = psutil.Process()
-        return {"group": self._host.config.group, "rss_bytes": process.memory_info().rss,
+        return {"group": self._host.config.group, "rss_bytes": self.process.memory_info().rss,
                 "pool": vars(self._host.pool.stats).copy()}

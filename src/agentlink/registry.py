@@ -165,3 +165,16 @@ class Registry:
 
     def agents(self) -> list[str]:
         return sorted(m.decode() for m in self.client.smembers(f"{PREFIX}:agents"))
+
+    def publish_resources(self, group: str, sample: dict[str, Any]) -> None:
+        """A host's resource sample, expiring like its records; best effort."""
+        try:
+            self.client.set(f"{PREFIX}:resources:{group}", json.dumps(sample),
+                            px=int(self.ttl * 1000))
+        except REDIS_ERRORS as err:
+            self._failed(err)
+
+    def resources(self) -> list[dict[str, Any]]:
+        """Every live host's latest resource sample; raises when Redis is down."""
+        keys = sorted(self.client.scan_iter(f"{PREFIX}:resources:*", count=100))
+        return [json.loads(v) for v in self.client.mget(keys) if v is not None] if keys else []
