@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parents[2]
 class Lab:
     topology: Topology
     addresses: dict[str, str]  # machine -> address, from inventory/lab
+    monitoring: str  # the machine that runs Prometheus and Alertmanager
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.addresses[self.monitoring]}:9090"
+
+    @property
+    def alertmanager_url(self) -> str:
+        return f"http://{self.addresses[self.monitoring]}:9093"
 
     @property
     def sentinels(self) -> list[str]:
@@ -39,6 +48,8 @@ def lab() -> Lab:
             pytest.fail(f"the lab must be deployed here: {err}")
         pytest.skip(f"no lab deployed ({err}); make deploy first")
     hosts = yaml.safe_load((ROOT / "inventory" / "lab" / "hosts.yml").read_text())
-    machines = hosts["all"]["children"]["agent_machines"]["hosts"]
+    groups = hosts["all"]["children"]
+    machines = groups["agent_machines"]["hosts"]
     return Lab(load(ROOT / "topology" / "agents.yml"),
-               {name: vars_["agentlink_address"] for name, vars_ in machines.items()})
+               {name: vars_["agentlink_address"] for name, vars_ in machines.items()},
+               monitoring=next(iter(groups["monitoring"]["hosts"])))
