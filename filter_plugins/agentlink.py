@@ -1,6 +1,7 @@
 """Jinja2 filters for the toolkit: shims into agentlink, no logic here."""
 
 from agentlink.config import address_env, startup_config_for
+from agentlink.dashboards import dashboards, grafana_provisioning, validate_dashboard
 from agentlink.topology import load
 
 
@@ -9,4 +10,7 @@ class FilterModule:
         return {
             "agentlink_startup_config": startup_config_for,
             "agentlink_address_env": lambda path, addresses: address_env(load(path), addresses),
+            "agentlink_grafana_dashboards": lambda path: dashboards(load(path)),
+            "agentlink_grafana_provisioning": grafana_provisioning,
+            "agentlink_grafana_problems": validate_dashboard,
         }
