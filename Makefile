@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEBIAN_PACKAGES := redis-server prometheus prometheus-alertmanager chromium chromium-driver
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/lab
 
-.PHONY: deploy test lint unit molecule down status bench bench-runtime bench-deploy system docker local-up local-down
+.PHONY: deploy test lint unit molecule down status bench bench-runtime bench-deploy bench-monitoring system docker local-up local-down
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -60,4 +60,8 @@ bench-runtime: $(STAMP) system
 bench-deploy: $(STAMP) system docker
 	$(BIN)/python bench/deploy.py
 
-bench: bench-runtime bench-deploy
+# Needs the lab deployed (bench-deploy leaves it so): monitoring memory, scrapes, detection.
+bench-monitoring: $(STAMP) docker
+	$(BIN)/python bench/monitoring.py
+
+bench: bench-runtime bench-deploy bench-monitoring

@@ -2,6 +2,7 @@
 
 from agentlink.config import address_env, startup_config_for
 from agentlink.dashboards import dashboards, grafana_provisioning, validate_dashboard
+from agentlink.monitoring import scrape_targets
 from agentlink.topology import load
 
 
@@ -13,4 +14,5 @@ class FilterModule:
             "agentlink_grafana_dashboards": lambda path: dashboards(load(path)),
             "agentlink_grafana_provisioning": grafana_provisioning,
             "agentlink_grafana_problems": validate_dashboard,
+            "agentlink_scrape_targets": scrape_targets,
         }

@@ -118,6 +118,7 @@ class AgentHost:
                                      stateful=set(config.stateful_agents))
         self.metrics = HostMetrics(self)
         self.slots = {spec.agent: self._make_slot(spec) for spec in config.instances}
+        self.metrics.declare(list(self.slots))
         self.started_at = 0.0
         self.stopping = threading.Event()
         self._inflight = 0

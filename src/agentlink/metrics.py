@@ -90,6 +90,12 @@ class HostMetrics:
         self.registry.register(_LiveCollector(host, self.process))
         self._host = host
 
+    def declare(self, agents: list[str]) -> None:
+        """Start each agent's request series at 0, so a quiet agent still has a rate."""
+        for agent in agents:
+            self.requests.labels(agent)
+            self.duration.labels(agent)
+
     def observe(self, agent: str, seconds: float, error_code: str) -> None:
         self.requests.labels(agent).inc()
         self.duration.labels(agent).observe(seconds)
