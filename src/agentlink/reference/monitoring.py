@@ -10,6 +10,7 @@ import psutil
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from agentlink.agent import BaseAgent, Degraded
+from agentlink.healthboard import HealthDashboard
 from agentlink.registry import REDIS_ERRORS
 
 MEMORY_PRESSURE = 0.9
@@ -105,8 +106,9 @@ _MACHINE_METRICS = {
 }
 
 
-class SystemHealthManager(BaseAgent):
-    """The summary of health and resources that an operator asks for."""
+class SystemHealthManager(HealthDashboard):
+    """The summary of health and resources that an operator asks for, and the live health
+    dashboard page on its host's HTTP port (/dashboard)."""
 
     def handle(self, request: Any) -> Any:
         return {"health": self.call("HealthMonitor", {}),
