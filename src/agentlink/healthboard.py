@@ -4,8 +4,9 @@ HTTP port (no port of its own).
 A background thread polls every agent host's /health in parallel (the hosts come from the
 startup config's system layout) and Alertmanager's firing alerts, keeps the latest state of
 every instance and a bounded history of state changes. An agent's state is read from its
-replicas: healthy when all of them are, degraded when some serve, and when none serves,
-starting, down (no host answers) or unhealthy.
+replicas: healthy when all of them are, degraded when some serve (healthy or degraded), and
+when none serves the most hopeful of starting, unhealthy, unknown (not polled yet) and down
+(no host answers for it).
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ import json
 import threading
 import time
 import urllib.request
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
-from agentlink.agent import AgentContext, BaseAgent, WebReply
+from agentlink.agent import AgentContext, BaseAgent, Degraded, WebReply
 from agentlink.local import fetch_health
 
 SERVING = ("healthy", "degraded")
 HISTORY = 200
+MAX_ALERTS = 50  # the page lists them; past this many the count says enough
 ALERTS_PATH = "/api/v2/alerts?active=true&silenced=false&inhibited=false"
 
 
@@ -33,7 +35,7 @@ def agent_state(states: list[str]) -> str:
         return "healthy"
     if any(s in SERVING for s in states):
         return "degraded"
-    for state in ("starting", "unhealthy"):
+    for state in ("starting", "unhealthy", "unknown"):
         if state in states:
             return state
     return "down"
@@ -42,21 +44,27 @@ def agent_state(states: list[str]) -> str:
 def fetch_alerts(alertmanager: str, timeout: float = 1.0) -> dict[str, Any]:
     """Firing alerts from Alertmanager's v2 API, or why there are none to show."""
     if not alertmanager:
-        return {"available": False, "note": "no Alertmanager configured", "firing": []}
+        return {"available": False, "note": "no Alertmanager configured", "total": 0,
+                "firing": []}
     try:
         with urllib.request.urlopen(alertmanager + ALERTS_PATH, timeout=timeout) as response:
             alerts = json.load(response)
     except (OSError, ValueError) as err:
-        return {"available": False, "note": f"alerts unavailable: {err}", "firing": []}
-    firing = [{"name": a["labels"].get("alertname", "?"),
-               "severity": a["labels"].get("severity", ""),
-               "summary": a.get("annotations", {}).get("summary", ""),
-               "since": a.get("startsAt", ""), "labels": a["labels"]} for a in alerts]
-    return {"available": True, "note": "", "firing": firing}
+        return {"available": False, "note": f"alerts unavailable: {err}", "total": 0,
+                "firing": []}
+    firing = sorted(({"name": a["labels"].get("alertname", "?"),
+                      "severity": a["labels"].get("severity", ""),
+                      "summary": a.get("annotations", {}).get("summary", ""),
+                      "since": a.get("startsAt", ""), "labels": a["labels"]} for a in alerts),
+                    key=lambda a: (a["severity"] != "critical", a["name"]))
+    return {"available": True, "note": "", "total": len(firing), "firing": firing[:MAX_ALERTS]}
 
 
 class HealthDashboard(BaseAgent):
-    """Serves `/dashboard` (the page) and `/api/dashboard` (its JSON)."""
+    """Serves `/dashboard` (the page) and `/api/dashboard` (its JSON).
+
+    Polling starts at the first health check, so a subclass that overrides check_health()
+    returns super().check_health() merged with its own checks."""
 
     def __init__(self, context: AgentContext) -> None:
         super().__init__(context)
@@ -71,6 +79,12 @@ class HealthDashboard(BaseAgent):
 
     # --- polling -------------------------------------------------------------------------
 
+    def check_health(self) -> dict[str, bool | Degraded]:
+        # The host checks health from the moment it starts: the history begins with the
+        # agent, not when someone first opens the page.
+        self._ensure_polling()
+        return {}
+
     def _ensure_polling(self) -> None:
         with self._lock:
             if self._poller is None:
@@ -82,7 +96,10 @@ class HealthDashboard(BaseAgent):
         groups = self.system.get("groups", {})
         with ThreadPoolExecutor(max_workers=max(1, len(groups) + 1)) as pool:
             while True:
-                self.poll(pool)
+                try:
+                    self.poll(pool)
+                except Exception:  # one bad answer must not freeze the page for good
+                    self.log.exception("dashboard poll failed")
                 time.sleep(self.interval)
 
     def poll(self, pool: ThreadPoolExecutor) -> None:
@@ -108,11 +125,13 @@ class HealthDashboard(BaseAgent):
     def _record_changes(self, states: dict[str, str]) -> None:
         if not self.states:
             return  # the first round is the starting point, not a change
+        agents = {i["instance"]: i["agent"] for i in self.system.get("instances", [])}
         now = time.time()
         for instance, state in states.items():
             before = self.states.get(instance, "unknown")
             if state != before:
-                self.history.appendleft({"at": now, "instance": instance, "from": before,
+                self.history.appendleft({"at": now, "instance": instance,
+                                         "agent": agents[instance], "from": before,
                                          "to": state})
 
     # --- answers -------------------------------------------------------------------------
@@ -133,10 +152,8 @@ class HealthDashboard(BaseAgent):
         for agent in agents:
             layers = machines.setdefault(agent["machine"], {})
             layers.setdefault(str(agent["layer"]), []).append(agent["name"])
-        counts: dict[str, int] = {}
-        for agent in agents:
-            counts[agent["state"]] = counts.get(agent["state"], 0) + 1
-        return {"generated_at": time.time(), "polled_at": polled_at, "counts": counts,
+        counts = Counter(agent["state"] for agent in agents)
+        return {"generated_at": time.time(), "polled_at": polled_at, "counts": dict(counts),
                 "agents": agents, "machines": machines, "instances": instances,
                 "history": history, "alerts": alerts}
 
@@ -152,11 +169,10 @@ class HealthDashboard(BaseAgent):
 
     def web(self, path: str) -> WebReply | None:
         route = path.split("?", 1)[0].rstrip("/")
-        if route in ("", "/dashboard"):
-            self._ensure_polling()
-            page = resources.files("agentlink").joinpath("healthboard.html").read_bytes()
-            return WebReply(200, "text/html; charset=utf-8", page)
+        if route not in ("", "/dashboard", "/api/dashboard"):
+            return None
+        self._ensure_polling()  # also where no host checks health (a test, a script)
         if route == "/api/dashboard":
-            self._ensure_polling()
             return WebReply(200, "application/json", json.dumps(self.snapshot()).encode())
-        return None
+        page = resources.files("agentlink").joinpath("healthboard.html").read_bytes()
+        return WebReply(200, "text/html; charset=utf-8", page)

@@ -15,6 +15,8 @@ from agentlink.agent import AgentContext
 from agentlink.healthboard import HealthDashboard, agent_state, fetch_alerts
 from agentlink.testing import AgentSpec, free_ports, run_group
 
+from .conftest import eventually
+
 ECHO = "tests.unit.agents:Echo"
 
 
@@ -24,6 +26,7 @@ ECHO = "tests.unit.agents:Echo"
     (["degraded"], "degraded"),
     (["starting", "down"], "starting"),
     (["unhealthy", "down"], "unhealthy"),
+    (["unknown", "unknown"], "unknown"),
     (["down", "down"], "down"),
     ([], "down"),
 ])
@@ -72,22 +75,41 @@ def test_polling_real_hosts_shows_states_and_records_changes(redis_url: str) -> 
     assert {a["name"]: a["state"] for a in after["agents"]} == \
         {"A": "healthy", "B": "down", "C": "down"}
     assert after["counts"] == {"healthy": 1, "down": 2}
-    changes = {(h["instance"], h["from"], h["to"]) for h in after["history"]}
-    assert changes == {("B-1", "healthy", "down"), ("C-1", "healthy", "down")}
+    changes = {(h["agent"], h["instance"], h["from"], h["to"]) for h in after["history"]}
+    assert changes == {("B", "B-1", "healthy", "down"), ("C", "C-1", "healthy", "down")}
     pool.shutdown()
 
 
+def test_before_the_first_poll_every_agent_is_unknown() -> None:
+    board = dashboard(system({"g": "http://127.0.0.1:1"}, [("A", "A-1", "g")]))
+    doc = board.snapshot()
+    assert (doc["counts"], doc["polled_at"]) == ({"unknown": 1}, 0.0)
+
+
+def test_the_first_health_check_starts_polling(redis_url: str) -> None:
+    with run_group([AgentSpec("A", ECHO)], redis_url, group="ga") as ga:
+        board = dashboard(system({"ga": f"http://127.0.0.1:{ga.config.http_port}"},
+                                 [("A", "A-1", "ga")]))
+        assert board.check_health() == {}
+        eventually(lambda: board.snapshot()["counts"] == {"healthy": 1}, what="A polled")
+
+
 ALERTS = [
+    {"labels": {"alertname": "MachineCPUHigh", "severity": "warning", "machine": "m1"},
+     "annotations": {"summary": "CPU of m1 over 60%"}, "startsAt": "2026-01-01T00:00:00Z"},
     {"labels": {"alertname": "AgentHostDown", "severity": "critical", "group": "g"},
      "annotations": {"summary": "Agent host g on m1 is down"},
-     "startsAt": "2026-01-01T00:00:00Z"}]
+     "startsAt": "2026-01-01T00:01:00Z"}]
 
 
 class FakeAlertmanager(BaseHTTPRequestHandler):
     """Answers like Alertmanager's v2 API."""
 
     def do_GET(self) -> None:
-        assert self.path.startswith("/api/v2/alerts?active=true")
+        # only what the dashboard should ask for: firing, neither silenced nor inhibited
+        if self.path != "/api/v2/alerts?active=true&silenced=false&inhibited=false":
+            self.send_error(404)
+            return
         body = json.dumps(ALERTS).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -109,8 +131,9 @@ def alertmanager() -> Iterator[str]:
 
 def test_firing_alerts_come_from_alertmanager(alertmanager: str) -> None:
     alerts = fetch_alerts(alertmanager)
-    assert alerts["available"] is True
-    assert alerts["firing"][0]["name"] == "AgentHostDown"
+    assert (alerts["available"], alerts["total"]) == (True, 2)
+    assert [(a["name"], a["severity"]) for a in alerts["firing"]] == \
+        [("AgentHostDown", "critical"), ("MachineCPUHigh", "warning")]  # critical first
     assert alerts["firing"][0]["summary"] == "Agent host g on m1 is down"
 
 
@@ -123,8 +146,9 @@ def test_alerts_say_why_they_are_missing() -> None:
 
 def test_routes(alertmanager: str) -> None:
     board = dashboard(system({}, [], alertmanager))
-    page = board.web("/dashboard")
-    assert page is not None and page.status == 200 and b"AgentLink health" in page.body
+    for path in ("/", "/dashboard", "/dashboard/"):
+        page = board.web(path)
+        assert page is not None and page.status == 200 and b"AgentLink health" in page.body
     api = board.web("/api/dashboard?x=1")
     assert api is not None and api.content_type == "application/json"
     assert set(json.loads(api.body)) >= {"agents", "machines", "history", "alerts", "counts"}
