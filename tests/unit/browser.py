@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -44,3 +45,19 @@ def headless_chromium() -> Iterator[webdriver.Chrome]:
             yield driver
         finally:
             driver.quit()
+
+
+# Every tile drawn, and from a real poll: before the first one every agent is "unknown".
+DASHBOARD_DRAWN = """
+const tiles = document.querySelectorAll('.tile[data-agent]');
+return tiles.length > 0 && ![...tiles].some(t => t.dataset.state === 'unknown');
+"""
+
+
+def save_dashboard(url: str, out: str, ready: str = DASHBOARD_DRAWN, timeout: float = 30) -> None:
+    """A screenshot of the health dashboard once the `ready` script returns true."""
+    with headless_chromium() as driver:
+        driver.get(url)
+        WebDriverWait(driver, timeout).until(
+            lambda d: d.execute_script(ready), message=f"{url} not drawn within {timeout:g}s")
+        driver.save_screenshot(out)
