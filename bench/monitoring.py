@@ -34,7 +34,7 @@ VICTIM = "pc2-vision"
 def lab_addresses() -> tuple[dict[str, str], str]:
     hosts = yaml.safe_load((ROOT / "inventory" / "lab" / "hosts.yml").read_text())
     groups = hosts["all"]["children"]
-    machines = groups["agent_machines"]["hosts"]
+    machines = groups["machines"]["children"]["agent_machines"]["hosts"]
     return ({name: v["agentlink_address"] for name, v in machines.items()},
             next(iter(groups["monitoring"]["hosts"])))
 

@@ -106,8 +106,9 @@ def render_startup_config(topology: Topology, machine: str,
 
 
 def address_env(topology: Topology, addresses: Mapping[str, str]) -> dict[str, str]:
-    """The environment that carries every machine's address: {"MAIN_PC_HOST": ...}."""
-    return {topology.address_env(m): addresses[m] for m in topology.machines}
+    """The environment that carries every machine's address: {"MAIN_PC_HOST": ...}; a
+    machine outside the topology (the witness) gets <NAME>_HOST."""
+    return {topology.address_env(m): address for m, address in addresses.items()}
 
 
 def sentinel_settings(topology: Topology, addresses: Mapping[str, str], port: int,
@@ -120,10 +121,13 @@ def sentinel_settings(topology: Topology, addresses: Mapping[str, str], port: in
 def startup_config_for(topology_path: str, machine: str, addresses: Mapping[str, str],
                        sentinel_port: int, service: str,
                        monitoring: Mapping[str, Mapping[str, Any]] | None = None,
+                       sentinel_addresses: Mapping[str, str] | None = None,
                        ) -> dict[str, Any]:
-    """A machine's startup config with Redis through Sentinel (what the Ansible role uses)."""
+    """A machine's startup config with Redis through Sentinel (what the Ansible role uses).
+    The Sentinels are on every agent machine unless `sentinel_addresses` says otherwise (the
+    witness runs one too)."""
     topology = load(topology_path)
-    redis = sentinel_settings(topology, addresses, sentinel_port, service)
+    redis = sentinel_settings(topology, sentinel_addresses or addresses, sentinel_port, service)
     return render_startup_config(topology, machine, addresses, redis, monitoring=monitoring)
 
 

@@ -21,6 +21,7 @@ class Lab:
     topology: Topology
     addresses: dict[str, str]  # machine -> address, from inventory/lab
     monitoring: str  # the machine that runs Prometheus and Alertmanager
+    witness: dict[str, str]  # machines that run only a Sentinel -> address
 
     @property
     def prometheus_url(self) -> str:
@@ -32,7 +33,8 @@ class Lab:
 
     @property
     def sentinels(self) -> list[str]:
-        return [f"{address}:26379" for address in self.addresses.values()]
+        every = [*self.addresses.values(), *self.witness.values()]
+        return [f"{address}:26379" for address in every]
 
     def registry(self) -> Registry:
         return Registry(redis_client({"sentinels": self.sentinels, "service": "agentlink"}))
@@ -49,7 +51,11 @@ def lab() -> Lab:
         pytest.skip(f"no lab deployed ({err}); make deploy first")
     hosts = yaml.safe_load((ROOT / "inventory" / "lab" / "hosts.yml").read_text())
     groups = hosts["all"]["children"]
-    machines = groups["agent_machines"]["hosts"]
+    machines = groups["machines"]["children"]
+    address = {name: vars_["agentlink_address"] for group in machines.values()
+               for name, vars_ in group["hosts"].items()}
+    agent_machines = set(machines["agent_machines"]["hosts"])
     return Lab(load(ROOT / "topology" / "agents.yml"),
-               {name: vars_["agentlink_address"] for name, vars_ in machines.items()},
-               monitoring=next(iter(groups["monitoring"]["hosts"])))
+               {m: a for m, a in address.items() if m in agent_machines},
+               monitoring=next(iter(groups["monitoring"]["hosts"])),
+               witness={m: a for m, a in address.items() if m not in agent_machines})

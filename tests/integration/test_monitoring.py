@@ -67,7 +67,8 @@ def test_metrics_cover_agents_machines_and_the_deploy(lab: Lab) -> None:
     assert {r["metric"]["machine"] for r in deploys} == set(lab.addresses)
     roles = {r["metric"]["machine"]: r["metric"]["role"]
              for r in query(lab, "redis_instance_info")}
-    assert roles == {"mainpc": "master", "pc2": "slave"}
+    assert set(roles) == set(lab.addresses)
+    assert sorted(roles.values()) == ["master", "slave"]  # which is which: the Sentinels' call
 
 
 def test_a_stopped_agent_host_raises_an_alert_in_alertmanager(lab: Lab) -> None:

@@ -76,9 +76,10 @@ def test_addresses_are_environment_variables_with_inventory_defaults(
     text = (out / "pc2" / "startup_config.yaml").read_text()
     assert re.search(r"advertise_host: \$\{PC2_HOST:-[^}]+\}", text)
     assert "${MAIN_PC_HOST:-" in text  # Sentinel on mainpc, for the registry
+    assert "${WITNESS_HOST:-" in text  # and on the witness, which runs only a Sentinel
     env = dict(line.split("=", 1) for line in (out / "pc2" / "agentlink.env").read_text()
                .splitlines() if line and not line.startswith("#"))
-    assert set(env) == {"AGENTLINK_MACHINE", "MAIN_PC_HOST", "PC2_HOST"}
+    assert set(env) == {"AGENTLINK_MACHINE", "MAIN_PC_HOST", "PC2_HOST", "WITNESS_HOST"}
     # The environment overrides the inventory's default: a moved machine needs no re-render.
     moved = {**env, "PC2_HOST": "pc2.example.internal"}
     group = next(iter(yaml.safe_load(text)["groups"]))

@@ -47,7 +47,7 @@ def test_an_unreachable_machine_stops_the_run_everywhere(tmp_path: Path) -> None
     inventory = tmp_path / "inventory"
     shutil.copytree(ROOT / "inventory" / "lab" / "group_vars", inventory / "group_vars")
     hosts = yaml.safe_load((ROOT / "inventory" / "lab" / "hosts.yml").read_text())
-    pc2 = hosts["all"]["children"]["agent_machines"]["hosts"]["pc2"]
+    pc2 = hosts["all"]["children"]["machines"]["children"]["agent_machines"]["hosts"]["pc2"]
     # SSH to a closed port on loopback: refused at once, nothing leaves this machine.
     pc2.update(ansible_connection="ssh", ansible_host="127.0.0.1",
                ansible_port=free_ports(1)[0])
