@@ -37,7 +37,7 @@ from agentlink.agent import (
 from agentlink.client import FailoverClient
 from agentlink.metrics import HostMetrics
 from agentlink.pool import get_pool
-from agentlink.registry import InstanceRecord, Registry, redis_client
+from agentlink.registry import REDIS_ERRORS, InstanceRecord, Registry, redis_client
 from agentlink.resources import host_sample
 
 log = logging.getLogger("agentlink.host")
@@ -85,8 +85,10 @@ class RedisState:
     fsynced copy alone is the guarantee (it survives a restart of that Redis).
     """
 
-    def __init__(self, client: redis.Redis, agent: str, replica_wait_ms: int = 300) -> None:
+    def __init__(self, client: redis.Redis, agent: str, replica_wait_ms: int = 300,
+                 outage_s: float = 8.0) -> None:
         self.client = client
+        self.outage_s = outage_s
         self.key = f"agentlink:state:{agent}"
         # Below the client's socket timeout (0.5 s), so a slow replica is an answer, not a
         # broken connection.
@@ -94,14 +96,29 @@ class RedisState:
         self._replica_seen = False
 
     def get(self, key: str) -> Any:
-        value = self.client.hget(self.key, key)
+        value = self._retrying(lambda: self.client.hget(self.key, key))
         return None if value is None else json.loads(value)
 
     def put(self, key: str, value: Any) -> None:
-        self._replicated(lambda pipe: pipe.hset(self.key, key, json.dumps(value)))
+        self._retrying(lambda: self._replicated(
+            lambda pipe: pipe.hset(self.key, key, json.dumps(value))))
 
     def delete(self, key: str) -> None:
-        self._replicated(lambda pipe: pipe.hdel(self.key, key))
+        self._retrying(lambda: self._replicated(lambda pipe: pipe.hdel(self.key, key)))
+
+    def _retrying(self, operation: Callable[[], Any]) -> Any:
+        """Ride out a failover or a Redis restart (seconds) instead of failing the request:
+        through Sentinel, each retry asks again who the primary is. Writes are idempotent."""
+        deadline = time.monotonic() + self.outage_s
+        delay = 0.05
+        while True:
+            try:
+                return operation()
+            except (*REDIS_ERRORS, redis.ReadOnlyError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     def _replicated(self, write: Callable[[Any], Any], wait: bool | None = None) -> None:
         """Write, and when a replica is connected, wait for it to confirm. WAIT blocks for

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,5 +68,22 @@ def test_a_lone_primary_still_acknowledges(tmp_path: Path) -> None:
         state = RedisState(client, "Memory")
         state.put("k", {"v": 1})
         assert state.get("k") == {"v": 1}
+    finally:
+        server.stop()
+
+
+def test_a_write_during_a_redis_restart_is_acknowledged_and_kept(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "restarting")
+    server.start()
+    try:
+        client = redis.Redis(port=server.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        state = RedisState(client, "Memory")
+        server.stop()
+        restarter = threading.Timer(0.5, server.start)
+        restarter.start()
+        state.put("written-while-down", 42)  # waits for the restart instead of failing
+        restarter.join()
+        server.restart()  # and it was fsynced before the acknowledgement
+        assert state.get("written-while-down") == 42
     finally:
         server.stop()
