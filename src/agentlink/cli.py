@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from agentlink import topology as topo
 
@@ -94,6 +95,53 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _redis_settings(args: argparse.Namespace, state: dict[str, Any],
+                    command: str) -> dict[str, Any] | None:
+    """Where the registry is: --sentinel, --redis-url, or the local lab's own Redis."""
+    redis_url = args.redis_url or state.get("redis_url")
+    if args.sentinel:
+        return {"sentinels": args.sentinel, "service": args.service}
+    if redis_url:
+        return {"url": redis_url}
+    print(f"agentlink {command}: no local lab here; give --redis-url or --sentinel",
+          file=sys.stderr)
+    return None
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from agentlink.client import FailoverClient
+    from agentlink.load import MEMORY, LoadReport, LoadSpec, run_load
+    from agentlink.local import LocalLab
+    from agentlink.registry import Registry, redis_client
+
+    settings = _redis_settings(args, LocalLab(_home(args)).state(), "load")
+    if settings is None:
+        return EXIT_INVALID
+    spec = LoadSpec(rate=args.rate, duration=args.duration, workers=args.workers,
+                    timeout=args.timeout, targets=tuple(args.target or LoadSpec.targets))
+
+    def progress(report: LoadReport) -> None:
+        print(f"sent {report.sent}, ok {report.succeeded}, failed {report.failed}",
+              file=sys.stderr)
+
+    client = FailoverClient(Registry(redis_client(settings)), stateful={MEMORY})
+    report = run_load(client, spec, progress).summary()
+    if args.json:
+        _say(json.dumps(report, indent=2))
+    else:
+        lat = report["latency_ms"]
+        _say(f"sent {report['sent']} in {args.duration:g}s ({report['rate']}/s, "
+             f"{report['late']} late): {report['succeeded']} succeeded, "
+             f"{report['failed']} failed")
+        _say(f"latency ms: p50 {lat['p50']}, p90 {lat['p90']}, p99 {lat['p99']}, "
+             f"max {lat['p100']}")
+        _say(f"state: {report['acknowledged']} writes acknowledged, {report['verified']} "
+             f"read back, {len(report['lost'])} lost")
+        for reason, count in report["failures"].items():
+            _say(f"  failed {count}x: {reason}")
+    return 0 if report["failed"] == 0 and not report["lost"] else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from agentlink import status
     from agentlink.local import LocalLab, fetch_health
@@ -101,14 +149,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     state = LocalLab(_home(args)).state()
     file = args.file or state.get("topology") or DEFAULT_TOPOLOGY
-    redis_url = args.redis_url or state.get("redis_url")
-    if args.sentinel:
-        settings = {"sentinels": args.sentinel, "service": args.service}
-    elif redis_url:
-        settings = {"url": redis_url}
-    else:
-        print("agentlink status: no local lab here; give --redis-url or --sentinel",
-              file=sys.stderr)
+    settings = _redis_settings(args, state, "status")
+    if settings is None:
         return EXIT_INVALID
     topology = _load(file)
     if topology is None:
@@ -143,12 +185,23 @@ def parser() -> argparse.ArgumentParser:
     status = command("status", cmd_status, "every instance with machine, layer and health")
     status.add_argument("--json", action="store_true")
     status.add_argument("--file", help="topology (default: the running lab's)")
-    status.add_argument("--redis-url")
-    status.add_argument("--sentinel", action="append", metavar="HOST:PORT",
-                        help="find the registry through Sentinel (repeat for each)")
-    status.add_argument("--service", default="agentlink", help="Sentinel's name of the primary")
     down = command("down", cmd_down, "stop what `agentlink up` started")
-    for cmd in (up, status, down):
+    load = command("load", cmd_load, "requests at a set rate for a set time; exit 1 on any "
+                   "failed request or lost acknowledged write")
+    load.add_argument("--rate", type=float, default=50.0, help="requests per second")
+    load.add_argument("--duration", type=float, default=10.0, help="seconds")
+    load.add_argument("--workers", type=int, default=4)
+    load.add_argument("--timeout", type=float, default=5.0, help="each request's deadline")
+    load.add_argument("--target", action="append",
+                      help="coordinator, twin, memory or agent:<Name> (repeat; default the "
+                           "first three)")
+    load.add_argument("--json", action="store_true")
+    for cmd in (status, load):
+        cmd.add_argument("--redis-url")
+        cmd.add_argument("--sentinel", action="append", metavar="HOST:PORT",
+                         help="find the registry through Sentinel (repeat for each)")
+        cmd.add_argument("--service", default="agentlink", help="Sentinel's name of the primary")
+    for cmd in (up, status, down, load):
         cmd.add_argument("--home", help="state directory (default $AGENTLINK_HOME or .agentlink)")
     return p
 
