@@ -8,9 +8,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentlink import topology as topo
+
+if TYPE_CHECKING:
+    from agentlink.load import LoadSpec
 
 DEFAULT_TOPOLOGY = os.environ.get("AGENTLINK_TOPOLOGY", "topology/agents.yml")
 EXIT_INVALID = 2
@@ -108,38 +111,54 @@ def _redis_settings(args: argparse.Namespace, state: dict[str, Any],
     return None
 
 
+def _load_spec(args: argparse.Namespace) -> LoadSpec:
+    from agentlink.load import DEFAULT_TARGETS, LoadSpec
+
+    return LoadSpec(rate=args.rate, duration=args.duration, workers=args.workers,
+                    timeout=args.timeout, targets=tuple(args.target or DEFAULT_TARGETS))
+
+
+def _say_load(report: dict[str, Any]) -> None:
+    lat = {name: "-" if ms is None else ms for name, ms in report["latency_ms"].items()}
+    _say(f"sent {report['sent']} of {report['scheduled']} in {report['seconds']:g}s "
+         f"({report['rate']}/s, {report['late']} late): {report['succeeded']} succeeded, "
+         f"{report['failed']} failed")
+    _say(f"latency ms: p50 {lat['p50']}, p90 {lat['p90']}, p99 {lat['p99']}, "
+         f"max {lat['max']}")
+    _say(f"state: {report['acknowledged']} writes acknowledged, {report['verified']} "
+         f"read back, {report['lost']} lost")
+    for reason, count in report["failures"].items():
+        _say(f"  failed {count}x: {reason} (e.g. {report['failure_examples'][reason]})")
+    for key, why in report["lost_keys"].items():
+        _say(f"  lost {key}: {why}")
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from agentlink.client import FailoverClient
-    from agentlink.load import MEMORY, LoadReport, LoadSpec, run_load
+    from agentlink.load import MEMORY, LoadReport, run_load
     from agentlink.local import LocalLab
     from agentlink.registry import Registry, redis_client
 
     settings = _redis_settings(args, LocalLab(_home(args)).state(), "load")
     if settings is None:
         return EXIT_INVALID
-    spec = LoadSpec(rate=args.rate, duration=args.duration, workers=args.workers,
-                    timeout=args.timeout, targets=tuple(args.target or LoadSpec.targets))
+    try:
+        spec = _load_spec(args)
+    except ValueError as err:
+        print(f"agentlink load: {err}", file=sys.stderr)
+        return EXIT_INVALID
 
     def progress(report: LoadReport) -> None:
         print(f"sent {report.sent}, ok {report.succeeded}, failed {report.failed}",
-              file=sys.stderr)
+              file=sys.stderr, flush=True)
 
     client = FailoverClient(Registry(redis_client(settings)), stateful={MEMORY})
-    report = run_load(client, spec, progress).summary()
+    report = run_load(client, spec, progress)
     if args.json:
-        _say(json.dumps(report, indent=2))
+        _say(json.dumps(report.summary(), indent=2))
     else:
-        lat = report["latency_ms"]
-        _say(f"sent {report['sent']} in {args.duration:g}s ({report['rate']}/s, "
-             f"{report['late']} late): {report['succeeded']} succeeded, "
-             f"{report['failed']} failed")
-        _say(f"latency ms: p50 {lat['p50']}, p90 {lat['p90']}, p99 {lat['p99']}, "
-             f"max {lat['p100']}")
-        _say(f"state: {report['acknowledged']} writes acknowledged, {report['verified']} "
-             f"read back, {len(report['lost'])} lost")
-        for reason, count in report["failures"].items():
-            _say(f"  failed {count}x: {reason}")
-    return 0 if report["failed"] == 0 and not report["lost"] else 1
+        _say_load(report.summary())
+    return 0 if report.ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -187,14 +206,14 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--file", help="topology (default: the running lab's)")
     down = command("down", cmd_down, "stop what `agentlink up` started")
     load = command("load", cmd_load, "requests at a set rate for a set time; exit 1 on any "
-                   "failed request or lost acknowledged write")
+                   "failed or unsent request or lost acknowledged write")
     load.add_argument("--rate", type=float, default=50.0, help="requests per second")
     load.add_argument("--duration", type=float, default=10.0, help="seconds")
     load.add_argument("--workers", type=int, default=4)
     load.add_argument("--timeout", type=float, default=5.0, help="each request's deadline")
-    load.add_argument("--target", action="append",
-                      help="coordinator, twin, memory or agent:<Name> (repeat; default the "
-                           "first three)")
+    load.add_argument("--target", action="append", metavar="KIND[=WEIGHT]",
+                      help="coordinator, twin, memory or agent:<Name>, weight 1 unless given "
+                           "(repeat; default the first three)")
     load.add_argument("--json", action="store_true")
     for cmd in (status, load):
         cmd.add_argument("--redis-url")

@@ -17,93 +17,175 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from agentlink.client import FailoverClient
+
+class Caller(Protocol):
+    """What the load goes through: a FailoverClient in use, anything with its `call` in tests."""
+
+    def call(self, agent: str, payload: Any, key: str | None = None,
+             timeout: float | None = None) -> Any: ...
+
 
 Request = tuple[str, Any, str | None]  # agent, payload, key (for stateful stickiness)
 MEMORY = "MemoryOrchestratorService"
+# A request this far past its slot was sent late; less is the scheduler's own jitter.
+LATE_AFTER = 0.005
+# Share of a request's deadline the coordinator gets for its own call, so that a slow
+# downstream comes back as the coordinator's error instead of making the client give up
+# on a healthy coordinator (its first attempt gets half of the deadline).
+COORDINATOR_SHARE = 0.4
 
 
-def _observe(n: int) -> dict[str, Any]:
-    return {"op": "observe", "source": f"load-{n % 100}", "value": n}
+@dataclass(frozen=True)
+class Slot:
+    """What a target needs to build request n of a run."""
+
+    n: int
+    run: str  # the run's id, so keys of two runs never collide
+    timeout: float
 
 
-# What each target sends for request n of a run.
-TARGETS: dict[str, Callable[[int, str], Request]] = {
-    "coordinator": lambda n, run: ("RequestCoordinator",
-                                   {"agent": "SystemDigitalTwin", "payload": _observe(n)}, None),
-    "twin": lambda n, run: ("SystemDigitalTwin", _observe(n), None),
-    "memory": lambda n, run: (MEMORY, {"op": "put", "key": f"load-{run}-{n}", "value": n},
-                              f"load-{run}-{n}"),
+def _observe(slot: Slot) -> dict[str, Any]:
+    return {"op": "observe", "source": f"load-{slot.n % 100}", "value": slot.n}
+
+
+def _coordinator(slot: Slot) -> Request:
+    route = {"agent": "SystemDigitalTwin", "payload": _observe(slot),
+             "timeout": slot.timeout * COORDINATOR_SHARE}
+    return "RequestCoordinator", route, None
+
+
+def _memory(slot: Slot) -> Request:
+    key = f"load-{slot.run}-{slot.n}"
+    return MEMORY, {"op": "put", "key": key, "value": f"{slot.run}:{slot.n}"}, key
+
+
+# What each kind of target sends; `agent:<Name>` sends `{}` to any agent.
+TARGETS: dict[str, Callable[[Slot], Request]] = {
+    "coordinator": _coordinator,
+    "twin": lambda slot: ("SystemDigitalTwin", _observe(slot), None),
+    "memory": _memory,
 }
+DEFAULT_TARGETS = ("coordinator", "twin", "memory")
 
 
-def build_request(target: str, n: int, run: str) -> Request:
-    """Request n for a target: a known kind, or `agent:<Name>` with an empty payload."""
+def parse_target(text: str) -> tuple[str, int]:
+    """`kind` or `kind=weight` (a whole number >= 1); unknown kinds are named."""
+    kind, _, weight = text.partition("=")
+    if kind not in TARGETS and not (kind.startswith("agent:") and len(kind) > 6):
+        known = ", ".join([*TARGETS, "agent:<Name>"])
+        raise ValueError(f"unknown load target {kind!r} (known: {known})")
+    if weight and (not weight.isdigit() or int(weight) < 1):
+        raise ValueError(f"weight of load target {kind!r} must be a whole number >= 1")
+    return kind, int(weight or 1)
+
+
+def build_request(target: str, slot: Slot) -> Request:
+    """The request a target kind sends in this slot."""
     if target.startswith("agent:"):
         return target.split(":", 1)[1], {}, None
-    if target not in TARGETS:
-        known = ", ".join([*TARGETS, "agent:<Name>"])
-        raise ValueError(f"unknown load target {target!r} (known: {known})")
-    return TARGETS[target](n, run)
+    return TARGETS[target](slot)
 
 
-def percentile(samples: list[float], p: float) -> float:
-    """The nearest-rank percentile (p in 0..100); NaN for no samples."""
+def percentile(samples: list[float], p: float) -> float | None:
+    """The nearest-rank percentile (p in 0..100), a sample that was seen; None for none."""
     if not samples:
-        return math.nan
+        return None
     ordered = sorted(samples)
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 @dataclass
 class LoadSpec:
-    rate: float = 50.0  # requests per second, all workers together
+    """What to send: `rate` requests/s in all for `duration` s, spread over `targets`.
+
+    Targets are kinds of TARGETS or `agent:<Name>`, each optionally weighted (`memory=2`);
+    they take turns in proportion to their weights, so a run's mix is exact.
+    """
+
+    rate: float = 50.0
     duration: float = 10.0
     workers: int = 4
     timeout: float = 5.0  # each request's deadline, failovers included
-    targets: tuple[str, ...] = ("coordinator", "twin", "memory")
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    plan: list[str] = field(init=False, repr=False, default_factory=list)  # kind per turn
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.duration <= 0 or self.timeout <= 0 or self.workers < 1:
+            raise ValueError("rate, duration and timeout must be > 0 and workers >= 1")
+        if not self.targets:
+            raise ValueError("a load needs at least one target")
+        self.plan = [kind for kind, weight in map(parse_target, self.targets)
+                     for _ in range(weight)]
+
+    @property
+    def scheduled(self) -> int:
+        return int(self.rate * self.duration)
 
 
 @dataclass
 class LoadReport:
+    """Counts of a run; `failures` by "<agent>: <exception type or error code>"."""
+
+    scheduled: int = 0
     sent: int = 0
     succeeded: int = 0
     late: int = 0
     failures: Counter[str] = field(default_factory=Counter)
-    latencies_ms: list[float] = field(default_factory=list)
+    failure_examples: dict[str, str] = field(default_factory=dict)  # first message each
+    latencies_ms: list[float] = field(default_factory=list)  # of succeeded requests
     seconds: float = 0.0
     acknowledged: dict[str, Any] = field(default_factory=dict)  # memory key -> value
-    lost: list[str] = field(default_factory=list)
     verified: int = 0
+    lost: list[str] = field(default_factory=list)  # acknowledged keys not read back
+    lost_why: dict[str, str] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
         return sum(self.failures.values())
 
+    @property
+    def unsent(self) -> int:
+        """Scheduled requests never sent: the run was still behind a deadline after its end."""
+        return self.scheduled - self.sent
+
+    @property
+    def ok(self) -> bool:
+        """What a gate wants: every request sent and answered, no acknowledged write lost."""
+        return self.failed == 0 and not self.lost and self.unsent == 0
+
+    def latency(self) -> dict[str, float | None]:
+        samples = self.latencies_ms
+        found = {"p50": percentile(samples, 50), "p90": percentile(samples, 90),
+                 "p99": percentile(samples, 99), "max": max(samples, default=None)}
+        return {name: None if ms is None else round(ms, 2) for name, ms in found.items()}
+
     def summary(self) -> dict[str, Any]:
-        lat = self.latencies_ms
-        return {"sent": self.sent, "succeeded": self.succeeded, "failed": self.failed,
-                "late": self.late, "rate": round(self.sent / self.seconds, 1) if self.seconds
-                else 0.0, "latency_ms": {f"p{p}": round(percentile(lat, p), 2)
-                                         for p in (50, 90, 99, 100)},
-                "failures": dict(self.failures), "acknowledged": len(self.acknowledged),
-                "verified": self.verified, "lost": self.lost}
+        """Plain data (JSON-ready) for a report, a benchmark table or an assertion message."""
+        rate = round(self.sent / self.seconds, 1) if self.seconds else 0.0
+        return {"scheduled": self.scheduled, "sent": self.sent, "unsent": self.unsent,
+                "succeeded": self.succeeded, "failed": self.failed, "late": self.late,
+                "seconds": round(self.seconds, 2), "rate": rate,
+                "latency_ms": self.latency(), "failures": dict(self.failures),
+                "failure_examples": self.failure_examples,
+                "acknowledged": len(self.acknowledged), "verified": self.verified,
+                "lost": len(self.lost), "lost_keys": dict(list(self.lost_why.items())[:20])}
 
 
 class LoadRun:
     """One run: `workers` threads take request numbers in order and send each when due."""
 
-    def __init__(self, client: FailoverClient, spec: LoadSpec,
+    def __init__(self, client: Caller, spec: LoadSpec,
                  progress: Callable[[LoadReport], None] | None = None) -> None:
         self.client = client
         self.spec = spec
         self.progress = progress
-        self.report = LoadReport()
+        self.report = LoadReport(scheduled=spec.scheduled)
         self.run_id = uuid.uuid4().hex[:8]
         self._numbers = itertools.count()
         self._lock = threading.Lock()
+        self._start = 0.0
 
     def run(self) -> LoadReport:
         self._start = time.monotonic()
@@ -111,21 +193,32 @@ class LoadRun:
                    for _ in range(self.spec.workers)]
         for thread in threads:
             thread.start()
-        while any(t.is_alive() for t in threads):
-            threads[0].join(1.0)
-            if self.progress:
-                self.progress(self.report)
+        self._wait(threads)
         self.report.seconds = time.monotonic() - self._start
         return self.report
 
+    def _wait(self, threads: list[threading.Thread]) -> None:
+        """Join the workers, reporting progress once a second meanwhile."""
+        tick = self._start + 1.0
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(max(0.0, tick - time.monotonic()))
+                if time.monotonic() >= tick:
+                    tick += 1.0
+                    if self.progress:
+                        self.progress(self.report)
+
     def _worker(self) -> None:
-        total = int(self.spec.rate * self.spec.duration)
-        while (n := self._next()) < total:
+        # Past this, what is still unsent is a backlog, not load at the set rate: give up on it.
+        give_up = self._start + self.spec.duration + self.spec.timeout
+        while (n := self._next()) < self.report.scheduled:
             due = self._start + n / self.spec.rate
-            wait = due - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            else:
+            now = time.monotonic()
+            if now > give_up:
+                return
+            if due > now:
+                time.sleep(due - now)
+            elif now - due > LATE_AFTER:
                 with self._lock:
                     self.report.late += 1
             self._send(n)
@@ -135,38 +228,52 @@ class LoadRun:
             return next(self._numbers)
 
     def _send(self, n: int) -> None:
-        target = self.spec.targets[n % len(self.spec.targets)]
-        agent, payload, key = build_request(target, n, self.run_id)
+        target = self.spec.plan[n % len(self.spec.plan)]
+        agent, payload, key = build_request(target, Slot(n, self.run_id, self.spec.timeout))
         began = time.monotonic()
         try:
             self.client.call(agent, payload, key=key, timeout=self.spec.timeout)
         except Exception as err:  # every failure is counted and named, none stops the run
-            reason = getattr(err, "code", "") or type(err).__name__
-            with self._lock:
-                self.report.sent += 1
-                self.report.failures[f"{agent}: {reason}"] += 1
+            self._failed(agent, err)
             return
         with self._lock:
             self.report.sent += 1
             self.report.succeeded += 1
             self.report.latencies_ms.append((time.monotonic() - began) * 1000)
-            if agent == MEMORY:
-                self.report.acknowledged[str(key)] = payload["value"]
+            if agent == MEMORY and key is not None:
+                self.report.acknowledged[key] = payload["value"]
+
+    def _failed(self, agent: str, err: Exception) -> None:
+        reason = f"{agent}: {getattr(err, 'code', '') or type(err).__name__}"
+        with self._lock:
+            self.report.sent += 1
+            self.report.failures[reason] += 1
+            self.report.failure_examples.setdefault(reason, str(err))
 
 
-def verify_state(client: FailoverClient, report: LoadReport, timeout: float = 10.0) -> None:
-    """Read back every acknowledged write; what is missing or different is lost."""
+def verify_state(client: Caller, report: LoadReport, timeout: float = 5.0) -> None:
+    """Read back every acknowledged write (through failover, as any caller would).
+
+    A value that is missing, different or unreadable is lost: the caller was told it was
+    stored, so it must be there after any fault a live replica survived.
+    """
     for key, value in report.acknowledged.items():
-        got = client.call(MEMORY, {"op": "get", "key": key}, key=key, timeout=timeout)
-        if got.get("value") == value:
-            report.verified += 1
+        try:
+            got = client.call(MEMORY, {"op": "get", "key": key}, key=key, timeout=timeout)
+        except Exception as err:  # unreadable counts as lost, the check goes on
+            why = f"unreadable: {getattr(err, 'code', '') or type(err).__name__}"
         else:
-            report.lost.append(key)
+            if got.get("value") == value:
+                report.verified += 1
+                continue
+            why = "missing" if got.get("value") is None else f"different: {got.get('value')!r}"
+        report.lost.append(key)
+        report.lost_why[key] = why
 
 
-def run_load(client: FailoverClient, spec: LoadSpec,
+def run_load(client: Caller, spec: LoadSpec,
              progress: Callable[[LoadReport], None] | None = None) -> LoadReport:
-    """Run the load, then check the acknowledged state."""
+    """Run the load, then check the acknowledged state; `progress` gets the report each second."""
     report = LoadRun(client, spec, progress).run()
-    verify_state(client, report)
+    verify_state(client, report, spec.timeout)
     return report
