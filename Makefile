@@ -48,9 +48,11 @@ lint: $(STAMP)
 unit: $(STAMP) system docker
 	$(BIN)/pytest
 
-# Deploy on the lab, converge again (must change nothing), verify, destroy.
+# Scenario default: deploy on the lab, converge again (must change nothing), verify, destroy.
+# Scenario failover: deploy, then faults under load (tests/failover), destroy.
 molecule: $(STAMP) system docker
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s default
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s failover
 
 test: lint unit molecule
 

@@ -84,6 +84,7 @@ class StateStore(Protocol):
     def get(self, key: str) -> Any: ...
     def put(self, key: str, value: Any) -> None: ...
     def delete(self, key: str) -> None: ...
+    def reachable(self) -> bool: ...
 
 
 class MemoryState:
@@ -101,6 +102,9 @@ class MemoryState:
 
     def delete(self, key: str) -> None:
         self.data.pop(key, None)
+
+    def reachable(self) -> bool:
+        return True
 
 
 @dataclass

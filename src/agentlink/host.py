@@ -95,6 +95,14 @@ class RedisState:
         self.replica_wait_ms = replica_wait_ms
         self._replica_seen = False
 
+    def reachable(self) -> bool:
+        """One quick try, for health checks: they must never wait out an outage."""
+        try:
+            self.client.exists(self.key)
+        except REDIS_ERRORS:
+            return False
+        return True
+
     def get(self, key: str) -> Any:
         value = self._retrying(lambda: self.client.hget(self.key, key))
         return None if value is None else json.loads(value)
@@ -107,14 +115,16 @@ class RedisState:
         self._retrying(lambda: self._replicated(lambda pipe: pipe.hdel(self.key, key)))
 
     def _retrying(self, operation: Callable[[], Any]) -> Any:
-        """Ride out a failover or a Redis restart (seconds) instead of failing the request:
-        through Sentinel, each retry asks again who the primary is. Writes are idempotent."""
+        """Ride out a failover, a Redis restart or a replica that just vanished (seconds)
+        instead of failing the request: through Sentinel, each retry asks again who the
+        primary is, and the primary drops a dead replica after repl-timeout (5 s in the lab's
+        redis.conf). Writes are idempotent."""
         deadline = time.monotonic() + self.outage_s
         delay = 0.05
         while True:
             try:
                 return operation()
-            except (*REDIS_ERRORS, redis.ReadOnlyError):
+            except (*REDIS_ERRORS, redis.ReadOnlyError, StateNotReplicated):
                 if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)

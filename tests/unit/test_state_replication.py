@@ -48,7 +48,7 @@ def test_a_write_is_on_the_replica_when_acknowledged(
 def test_a_write_no_replica_confirms_is_not_acknowledged(
         primary_and_replica: tuple[redis.Redis, redis.Redis, int]) -> None:
     primary, _, replica_pid = primary_and_replica
-    state = RedisState(primary, "Memory", replica_wait_ms=100)
+    state = RedisState(primary, "Memory", replica_wait_ms=100, outage_s=1)
     state.put("before", 1)
     # The replica stays connected but is frozen: it acknowledges nothing.
     os.kill(replica_pid, signal.SIGSTOP)
