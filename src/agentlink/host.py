@@ -67,7 +67,9 @@ class HostConfig:
     stateful_agents: list[str] = field(default_factory=list)
     ttl: float = 6.0
     heartbeat: float = 2.0
-    workers: int = 8
+    # Threads that run handlers. Mostly waiting (on other agents, on Redis), so cheap; enough
+    # that one agent stuck in a Redis failover does not starve its group's other agents.
+    workers: int = 32
     stop_deadline: float = 10.0
     system: dict[str, Any] = field(default_factory=dict)  # see render_startup_config
 
