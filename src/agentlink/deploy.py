@@ -65,7 +65,7 @@ def remove(topology: Topology, backend: DockerBackend) -> dict[str, Any]:
         if backend.drift(unit) != "missing":
             backend.stop(unit)
             removed.append(backend.name(unit))
-    for container in _orphans(topology, backend):
+    for container in backend.containers():  # orphans, and hosts an upgrade kept aside
         container.remove(force=True)
         removed.append(container.name)
     return {"changed": bool(removed), "removed": removed}

@@ -29,6 +29,7 @@ LABEL_DIGEST = "io.agentlink.digest"
 LABEL_GROUP = "io.agentlink.group"
 LABEL_MACHINE = "io.agentlink.machine"
 CONFIG_MOUNT = "/etc/agentlink"
+PREVIOUS = "-previous"  # name suffix of the host an upgrade keeps aside for a rollback
 MIN_MEMORY_MB = 64  # the Python runtime alone; agents' own limits add to it
 
 
@@ -105,6 +106,44 @@ class DockerBackend:
         if container.status != "running":
             return f"container is {container.status}"
         return None
+
+    def image(self, unit: Unit) -> str:
+        return self.machines[unit.machine].image
+
+    def running_image(self, unit: Unit) -> str | None:
+        container = self._get(unit)
+        return None if container is None else container.attrs["Config"]["Image"]
+
+    # --- a rolling upgrade keeps the old host aside until the new one is healthy ----------
+
+    def _previous(self, unit: Unit) -> Container | None:
+        try:
+            return self.client(unit.machine).containers.get(self.name(unit) + PREVIOUS)
+        except NotFound:
+            return None
+
+    def set_aside(self, unit: Unit) -> bool:
+        self.discard_previous(unit)
+        container = self._get(unit)
+        if container is None:
+            return False
+        container.stop(timeout=self.stop_timeout)
+        container.rename(self.name(unit) + PREVIOUS)
+        return True
+
+    def restore(self, unit: Unit) -> bool:
+        self.stop(unit)
+        previous = self._previous(unit)
+        if previous is None:
+            return False
+        previous.rename(self.name(unit))
+        previous.start()
+        return True
+
+    def discard_previous(self, unit: Unit) -> None:
+        previous = self._previous(unit)
+        if previous is not None:
+            previous.remove(force=True)
 
     def start(self, unit: Unit) -> bool:
         if self.drift(unit) is None:

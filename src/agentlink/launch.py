@@ -135,7 +135,7 @@ class Launcher:
                           f"{len(report.started)} host(s), {len(report.unchanged)} unchanged; "
                           "waiting for health")
             try:
-                self._gate(agents, by_group)
+                self.gate(agents, by_group)
             except LaunchError as err:
                 self._rollback(started, err)
                 raise
@@ -150,10 +150,11 @@ class Launcher:
         with ThreadPoolExecutor(max_workers=min(8, len(units))) as pool:
             return list(zip(units, pool.map(self.backend.start, units), strict=True))
 
-    def _gate(self, agents: list[str], units: dict[str, Unit]) -> None:
-        """Wait until every instance of these agents is healthy, or fail naming one."""
+    def gate(self, agents: list[str], units: dict[str, Unit]) -> None:
+        """Wait until every instance of these agents in these units (by group name) is
+        healthy, or fail naming one."""
         pending = {inst.id: units[inst.placement.group] for inst in self.topology.instances
-                   if inst.agent.name in agents}
+                   if inst.agent.name in agents and inst.placement.group in units}
         timeouts = {a: self.topology.agents[a].health_timeout for a in agents}
         deadline = time.monotonic() + max(timeouts.values())
         answers: dict[str, Any] = {}

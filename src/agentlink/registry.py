@@ -124,11 +124,14 @@ class Registry:
         except REDIS_ERRORS as err:
             self._failed(err)  # the TTL removes them anyway
 
-    def set_drain(self, agent: str, instance: str, drained: bool) -> None:
-        """Drain (or undrain) an instance: discovery stops returning it, it keeps running."""
+    def set_drain(self, agent: str, instance: str, drained: bool,
+                  ttl: int | None = None) -> None:
+        """Drain (or undrain) an instance: discovery stops returning it, it keeps running.
+
+        With `ttl`, the drain lifts itself after that many seconds."""
         key = self._drain_key(agent, instance)
         if drained:
-            self.client.set(key, "1")
+            self.client.set(key, "1", ex=ttl)
         else:
             self.client.delete(key)
 
