@@ -177,10 +177,12 @@ class LoadRun:
     """One run: `workers` threads take request numbers in order and send each when due."""
 
     def __init__(self, client: Caller, spec: LoadSpec,
-                 progress: Callable[[LoadReport], None] | None = None) -> None:
+                 progress: Callable[[LoadReport], None] | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.client = client
         self.spec = spec
         self.progress = progress
+        self.stop = stop or threading.Event()
         self.report = LoadReport(scheduled=spec.scheduled)
         self.run_id = uuid.uuid4().hex[:8]
         self._numbers = itertools.count()
@@ -195,6 +197,8 @@ class LoadRun:
             thread.start()
         self._wait(threads)
         self.report.seconds = time.monotonic() - self._start
+        if self.stop.is_set():  # ended early on purpose: what was not due yet is not owed
+            self.report.scheduled = self.report.sent
         return self.report
 
     def _wait(self, threads: list[threading.Thread]) -> None:
@@ -214,11 +218,11 @@ class LoadRun:
         while (n := self._next()) < self.report.scheduled:
             due = self._start + n / self.spec.rate
             now = time.monotonic()
-            if now > give_up:
+            if now > give_up or self.stop.is_set():
                 return
-            if due > now:
-                time.sleep(due - now)
-            elif now - due > LATE_AFTER:
+            if due > now and self.stop.wait(due - now):
+                return
+            if now - due > LATE_AFTER:
                 with self._lock:
                     self.report.late += 1
             self._send(n)
@@ -272,8 +276,12 @@ def verify_state(client: Caller, report: LoadReport, timeout: float = 5.0) -> No
 
 
 def run_load(client: Caller, spec: LoadSpec,
-             progress: Callable[[LoadReport], None] | None = None) -> LoadReport:
-    """Run the load, then check the acknowledged state; `progress` gets the report each second."""
-    report = LoadRun(client, spec, progress).run()
+             progress: Callable[[LoadReport], None] | None = None,
+             stop: threading.Event | None = None) -> LoadReport:
+    """Run the load, then check the acknowledged state; `progress` gets the report each second.
+
+    Setting `stop` ends the run early: requests already sent are waited for, later ones are
+    not scheduled."""
+    report = LoadRun(client, spec, progress, stop).run()
     verify_state(client, report, spec.timeout)
     return report

@@ -90,6 +90,21 @@ def test_requests_wait_for_their_slot_and_the_mix_follows_the_weights() -> None:
     assert report.ok
 
 
+def test_a_stopped_run_ends_early_owing_nothing() -> None:
+    caller = FakeMemory()
+    stop = threading.Event()
+
+    def stop_after_ten(report: LoadReport) -> None:
+        if report.sent >= 10:
+            stop.set()
+
+    report = run_load(caller, LoadSpec(rate=20, duration=600, targets=("twin",)),
+                      progress=stop_after_ten, stop=stop)
+    assert 10 <= report.sent < 12000
+    assert report.scheduled == report.sent == report.succeeded and report.unsent == 0
+    assert report.ok
+
+
 def test_an_acknowledged_write_missing_or_different_is_lost() -> None:
     report = run_load(FakeMemory(drop=3, garble=5),
                       LoadSpec(rate=100, duration=0.1, targets=("memory",)))
