@@ -1,0 +1,116 @@
+#!/usr/bin/python
+"""Ansible module: upgrade one agent host, or list those to upgrade (logic in agentlink)."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: agent_upgrade
+short_description: Replace one agent host container with drain, health gate and rollback
+description:
+  - Without C(group), lists the agent hosts that do not run as specified (a new image, a
+    changed config or environment), in start order; nothing is touched.
+  - With C(group), replaces that host; see agentlink.upgrade. Its replicated instances are
+    drained in the registry, the host is stopped (in-flight requests finish), the old
+    container is kept aside, the new one is started and gated on health, then the drain is
+    lifted and the old container removed. When the new host does not get healthy, the old
+    one is started again and the module fails naming the agent and the rollback's outcome.
+  - A host that already runs as specified is left alone. In check mode, says what would be
+    replaced and why.
+options:
+  topology:
+    description: Path of the topology file on the controller.
+    type: path
+    required: true
+  machines:
+    description: Per machine, how to run its containers, as for agent_launch; C(image) is
+      the image to upgrade to.
+    type: dict
+    required: true
+  group:
+    description: The agent host group to upgrade; without it, list those to upgrade.
+    type: str
+  registry:
+    description: Where the registry is, C(sentinels) (host:port list) and C(service).
+    type: dict
+  settle:
+    description: Seconds between the drain and the stop, for callers to re-read the registry.
+    type: float
+    default: 1.0
+  prefix:
+    description: Container name prefix.
+    type: str
+    default: agentlink
+"""
+
+RETURN = r"""
+hosts:
+  description: Without group, the hosts to upgrade in start order (group, machine, layer,
+    reason, image_from, image_to, drained).
+  returned: when group is not given
+  type: list
+upgraded:
+  description: With group, what was replaced, from and to which image, and in how many seconds.
+  returned: when the host was replaced
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402 - after the docs, by convention
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "topology": {"type": "path", "required": True},
+            "machines": {"type": "dict", "required": True},
+            "group": {"type": "str"},
+            "registry": {"type": "dict", "default": {}},
+            "settle": {"type": "float", "default": 1.0},
+            "prefix": {"type": "str", "default": "agentlink"},
+        },
+        supports_check_mode=True,
+    )
+    try:
+        from docker.errors import DockerException
+
+        from agentlink import deploy
+        from agentlink.docker_backend import DockerBackend
+        from agentlink.registry import REDIS_ERRORS, Registry, redis_client
+        from agentlink.topology import TopologyError, load
+        from agentlink.upgrade import UpgradeFailed, Upgrader, pending
+    except ImportError as err:
+        module.fail_json(msg=f"the agentlink package is not importable by {err.name!r}: run "
+                         "modules with the controller's venv (ansible_python_interpreter)")
+    p = module.params
+    try:
+        topology = load(p["topology"])
+        backend = DockerBackend(deploy.machine_specs(p["machines"], topology),
+                                prefix=p["prefix"])
+        hosts = pending(topology, backend)
+        if p["group"] is None:
+            module.exit_json(changed=False, hosts=[h.to_dict() for h in hosts])
+        host = next((h for h in hosts if h.group == p["group"]), None)
+        if host is None or module.check_mode:
+            module.exit_json(changed=host is not None,
+                             would_upgrade=host.to_dict() if host else None)
+        upgrader = Upgrader(topology, backend, Registry(redis_client(p["registry"])),
+                            settle=p["settle"])
+        done = upgrader.upgrade(p["group"])
+    except TopologyError as err:
+        module.fail_json(msg=f"invalid topology:\n{err}", problems=[str(e) for e in err.problems])
+    except UpgradeFailed as err:
+        module.fail_json(msg=str(err), group=err.host.group, cause=err.cause,
+                         rolled_back=err.restored, image_from=err.host.image_from,
+                         image_to=err.host.image_to)
+    except REDIS_ERRORS as err:
+        module.fail_json(msg=f"the registry does not answer ({err}): check the Sentinels "
+                         f"{p['registry'].get('sentinels')}. A drain left behind lifts itself "
+                         "within 10 minutes")
+    except DockerException as err:
+        module.fail_json(msg=f"a Docker engine does not answer: {err}")
+    except (ValueError, OSError) as err:
+        module.fail_json(msg=str(err))
+    module.exit_json(changed=done is not None, upgraded=done.to_dict() if done else None)
+
+
+if __name__ == "__main__":
+    main()
