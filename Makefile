@@ -50,9 +50,11 @@ unit: $(STAMP) system docker
 
 # Scenario default: deploy on the lab, converge again (must change nothing), verify, destroy.
 # Scenario failover: deploy, then faults under load (tests/failover), destroy.
+# Scenario upgrade: deploy, then rolling upgrades and a rollback under load (tests/upgrade).
 molecule: $(STAMP) system docker
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s default
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s failover
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s upgrade
 
 test: lint unit molecule
 

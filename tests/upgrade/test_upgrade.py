@@ -1,0 +1,150 @@
+"""Rolling upgrades on the deployed lab (molecule scenario `upgrade`), in order: the running
+release (v1) to v2 under load, again to v2 (no change), --check to v3, then to a v3 whose
+agents never get healthy, which must roll back to v2 and stop. Under load no request fails
+and no acknowledged write is lost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from agentlink.client import FailoverClient
+from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE
+from agentlink.load import MEMORY, LoadReport, LoadSpec, run_load
+from tests.failover.test_faults import TARGETS, assert_nothing_lost, serving
+
+from .conftest import Lab
+
+ROOT = Path(__file__).resolve().parents[2]
+RELEASES = Path(__file__).parent / "releases"
+
+
+def hosts() -> dict[str, str]:
+    """Every agent host container of the lab: name -> the image it runs."""
+    found = docker.from_env().containers.list(all=True, filters={"label": LABEL_GROUP})
+    return {c.name: c.attrs["Config"]["Image"] for c in found}
+
+
+@pytest.fixture(scope="module")
+def releases(lab: Lab) -> dict[str, dict[str, str]]:
+    """Images v2 and v3 of each agent machine, built on the running one; release -> images."""
+    engine = docker.from_env()
+    running = {c.labels[LABEL_MACHINE]: c.attrs["Config"]["Image"]
+               for c in engine.containers.list(filters={"label": LABEL_GROUP})}
+    built: dict[str, dict[str, str]] = {"v1": running, "v2": {}, "v3": {}}
+    for machine, v1 in running.items():
+        for release, base in (("v2", v1), ("v3", f"agentlink/{machine}:v2")):
+            tag = f"agentlink/{machine}:{release}"
+            engine.images.build(path=str(RELEASES / release), tag=tag, rm=True,
+                                buildargs={"FROM_IMAGE": base})
+            built[release][machine] = tag
+    return built
+
+
+def upgrade(*args: str) -> subprocess.CompletedProcess[str]:
+    playbook = Path(sys.executable).parent / "ansible-playbook"
+    return subprocess.run([str(playbook), "playbooks/upgrade.yml", "-i", "inventory/lab",
+                           *args], cwd=ROOT, capture_output=True, text=True, check=False,
+                          timeout=900)
+
+
+class Load:
+    """The load generator on a thread, from start until stopped."""
+
+    def __init__(self, lab: Lab) -> None:
+        client = FailoverClient(lab.registry(), stateful={MEMORY})
+        # A request may wait while a host without a replica is replaced: late, not failed.
+        spec = LoadSpec(rate=40, duration=1800, workers=64, timeout=20.0, targets=TARGETS)
+        self.stop = threading.Event()
+        self.report: LoadReport | None = None
+        self._thread = threading.Thread(
+            target=lambda: setattr(self, "report", run_load(client, spec, stop=self.stop)))
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._thread.join(120)
+
+
+@pytest.fixture
+def load(lab: Lab) -> Iterator[Load]:
+    with Load(lab) as running:
+        yield running
+
+
+def finished(load: Load) -> LoadReport:
+    load.__exit__()
+    assert load.report is not None, "the load generator did not finish"
+    return load.report
+
+
+def test_an_upgrade_to_v2_replaces_every_host_under_load_and_fails_no_request(
+        lab: Lab, releases: dict[str, dict[str, str]], load: Load) -> None:
+    before = hosts()
+    run = upgrade("-e", "upgrade_image_tag=v2")
+    report = finished(load)
+    assert run.returncode == 0, run.stdout[-3000:]
+    after = hosts()
+    assert set(after) == set(before)  # replaced, and nothing kept aside
+    for name, image in after.items():
+        machine = image.split("/")[1].split(":")[0]
+        assert image == releases["v2"][machine], f"{name} runs {image}"
+        assert f"{name.removeprefix('agentlink-')} now runs {image} and is healthy" in run.stdout
+    assert_nothing_lost(report)
+    assert serving(lab)
+
+
+def test_an_upgrade_to_the_release_running_changes_nothing(
+        releases: dict[str, dict[str, str]]) -> None:
+    before = docker.from_env().containers.list(filters={"label": LABEL_GROUP})
+    run = upgrade("-e", "upgrade_image_tag=v2")
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "nothing to upgrade" in run.stdout
+    assert "changed=0" in run.stdout and "changed=1" not in run.stdout
+    after = docker.from_env().containers.list(filters={"label": LABEL_GROUP})
+    assert sorted(c.id for c in after) == sorted(c.id for c in before)
+
+
+def test_check_mode_lists_the_hosts_it_would_replace_and_touches_none(
+        releases: dict[str, dict[str, str]]) -> None:
+    before = hosts()
+    run = upgrade("--check", "-e", "upgrade_image_tag=v3")
+    assert run.returncode == 0, run.stdout[-3000:]
+    groups = sorted(name.removeprefix("agentlink-") for name in before)
+    assert f"{len(groups)} host(s) to upgrade, one at a time" in run.stdout
+    assert all(f"changed: [{group}]" in run.stdout for group in groups)
+    assert hosts() == before
+
+
+def test_a_release_that_never_gets_healthy_is_rolled_back_and_stops_the_upgrade(
+        lab: Lab, releases: dict[str, dict[str, str]], load: Load) -> None:
+    run = upgrade("-e", "upgrade_image_tag=v3")
+    report = finished(load)
+    assert run.returncode != 0
+    assert "did not become healthy within" in run.stdout
+    assert "v3 cannot load its model" in run.stdout  # the failed check, from its last answer
+    assert "rolled back to agentlink/" in run.stdout and ":v2: healthy again" in run.stdout
+    assert "the upgrade stops here" in run.stdout
+    # The first host was rolled back and no other was tried: all still run v2.
+    assert all(image.endswith(":v2") for image in hosts().values()), hosts()
+    assert not lab.registry().client.keys("agentlink:drain:*")
+    assert_nothing_lost(report)
+    assert serving(lab)
+
+
+def test_an_image_that_is_not_there_is_named_before_anything_changes(
+        releases: dict[str, dict[str, str]]) -> None:
+    before = hosts()
+    run = upgrade("-e", "upgrade_image_tag=v9")
+    assert run.returncode != 0
+    assert "Not on this Docker engine: agentlink/mainpc:v9, agentlink/pc2:v9" in run.stdout
+    assert hosts() == before
