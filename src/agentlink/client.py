@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from agentlink import protocol
-from agentlink.pool import Pool, RequestTimeout, get_pool
+from agentlink.pool import PeerGone, Pool, RequestTimeout, get_pool
 from agentlink.registry import InstanceRecord, Registry
 
 
@@ -98,8 +98,9 @@ class FailoverClient:
                 try:
                     reply = self.pool.request(rec.endpoint, frames, timeout=attempt)
                     return protocol.decode_reply(reply)
-                except RequestTimeout:
-                    last_error = f"{rec.instance} at {rec.endpoint} timed out"
+                except RequestTimeout as err:
+                    how = "disconnected" if isinstance(err, PeerGone) else "timed out"
+                    last_error = f"{rec.instance} at {rec.endpoint} {how}"
                 except protocol.RemoteError as err:
                     if err.code not in protocol.RETRYABLE:
                         raise

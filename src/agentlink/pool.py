@@ -6,6 +6,12 @@ callers (a handler calling an agent of its own host, say) get another, up to a b
 nested calls never wait on each other. A request that times out closes its socket with
 LINGER 0 and retries on a fresh one (the Lazy Pirate pattern), so a stale reply can never be
 read as the answer to a later request.
+
+Each socket is monitored for disconnects. When the connection drops while a request is out
+(the peer crashed, or ZeroMQ's heartbeat found it gone), the reply can never come, so the
+request fails at once with PeerGone instead of waiting out its timeout; so does a request
+that finds no connection within CONNECT_WAIT_S. The failover client then moves on to
+another replica.
 """
 
 from __future__ import annotations
@@ -18,10 +24,17 @@ from dataclasses import dataclass
 import zmq
 
 MAX_SOCKETS_PER_ENDPOINT = 16
+# How long a request waits for a connection to its endpoint. A live peer on the LAN is
+# connected within milliseconds; one that is down is then left for another replica.
+CONNECT_WAIT_S = 0.25
 
 
 class RequestTimeout(Exception):
     """No reply from the endpoint within the request's time."""
+
+
+class PeerGone(RequestTimeout):
+    """No connection to the peer, or it dropped with the request out: no reply will come."""
 
 
 @dataclass
@@ -32,9 +45,30 @@ class PoolStats:
     requests: int = 0
 
 
+class _Conn:
+    """A DEALER socket and the monitor that reports its disconnects."""
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self.sock = sock
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+
+    def forget_disconnects(self) -> None:
+        """Drop events from before this request: a drop while idle lost nothing."""
+        while self.monitor.poll(0):
+            self.monitor.recv_multipart()
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
 class _Endpoint:
     def __init__(self) -> None:
-        self.free: list[zmq.Socket[bytes]] = []
+        self.free: list[_Conn] = []
         self.open = 0
         self.timed_out = False  # a socket was dropped after a timeout: the next is a reconnect
         self.ready = threading.Condition()
@@ -53,7 +87,7 @@ class Pool:
         with self._lock:
             return self._endpoints.setdefault(endpoint, _Endpoint())
 
-    def _open(self, endpoint: str) -> zmq.Socket[bytes]:
+    def _open(self, endpoint: str) -> _Conn:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Only queue to a connected peer: a dead endpoint is noticed when sending, not later.
@@ -61,9 +95,9 @@ class Pool:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         sock.connect(endpoint)
-        return sock
+        return _Conn(sock)
 
-    def _checkout(self, endpoint: str, slot: _Endpoint, deadline: float) -> zmq.Socket[bytes]:
+    def _checkout(self, endpoint: str, slot: _Endpoint, deadline: float) -> _Conn:
         with slot.ready:
             while not slot.free and slot.open >= self.max_per_endpoint:
                 if not slot.ready.wait(max(deadline - time.monotonic(), 0)):
@@ -75,13 +109,13 @@ class Pool:
         self._count(sockets=1, reconnects=int(reconnect))
         return self._open(endpoint)
 
-    def _checkin(self, slot: _Endpoint, sock: zmq.Socket[bytes] | None) -> None:
+    def _checkin(self, slot: _Endpoint, conn: _Conn | None) -> None:
         with slot.ready:
-            if sock is None:
+            if conn is None:
                 slot.open -= 1
                 slot.timed_out = True
             else:
-                slot.free.append(sock)
+                slot.free.append(conn)
             slot.ready.notify()
 
     def request(self, endpoint: str, frames: list[bytes], timeout: float = 2.0,
@@ -89,33 +123,41 @@ class Pool:
         """Send frames to endpoint and return the reply frames (the empty delimiter removed)."""
         slot = self._endpoint(endpoint)
         deadline = time.monotonic() + timeout * (retries + 1)
+        gone = False
         for _ in range(retries + 1):
-            sock = self._checkout(endpoint, slot, deadline)
+            conn = self._checkout(endpoint, slot, deadline)
             attempt_timeout = min(timeout, max(deadline - time.monotonic(), 0.0))
             try:
-                reply = self._exchange(sock, frames, attempt_timeout)
+                reply = self._exchange(conn, frames, attempt_timeout)
+            except PeerGone:
+                reply, gone = None, True
             except zmq.ZMQError:
                 reply = None
             if reply is not None:
-                self._checkin(slot, sock)
+                self._checkin(slot, conn)
                 self._count(requests=1)
                 return reply
-            sock.close(linger=0)
+            conn.close()
             self._checkin(slot, None)
             self._count(sockets=-1, timeouts=1)
+        if gone:
+            raise PeerGone(f"{endpoint} is not connected, or disconnected with the request out")
         raise RequestTimeout(f"no reply from {endpoint} after {retries + 1} attempt(s)")
 
     @staticmethod
-    def _exchange(sock: zmq.Socket[bytes], frames: list[bytes],
-                  timeout: float) -> list[bytes] | None:
+    def _exchange(conn: _Conn, frames: list[bytes], timeout: float) -> list[bytes] | None:
         ms = int(timeout * 1000)
-        if not sock.poll(ms, zmq.POLLOUT):
-            return None
-        sock.send_multipart([b"", *frames], zmq.NOBLOCK)
-        if not sock.poll(ms, zmq.POLLIN):
-            return None
-        reply = sock.recv_multipart()
-        return reply[1:] if reply and reply[0] == b"" else reply
+        conn.forget_disconnects()
+        if not conn.sock.poll(int(min(timeout, CONNECT_WAIT_S) * 1000), zmq.POLLOUT):
+            raise PeerGone  # not connected: with IMMEDIATE, nothing was queued
+        conn.sock.send_multipart([b"", *frames], zmq.NOBLOCK)
+        ready = dict(conn.poller.poll(ms))
+        if conn.sock in ready:
+            reply = conn.sock.recv_multipart()
+            return reply[1:] if reply and reply[0] == b"" else reply
+        if conn.monitor in ready:
+            raise PeerGone
+        return None
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -130,8 +172,8 @@ class Pool:
             with slot.ready:
                 idle, slot.free = slot.free, []
                 slot.open -= len(idle)
-            for sock in idle:
-                sock.close(linger=0)
+            for conn in idle:
+                conn.close()
             self._count(sockets=-len(idle))
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from agentlink.pool import Pool, RequestTimeout, get_context, get_pool
+from agentlink.pool import PeerGone, Pool, RequestTimeout, get_context, get_pool
 from agentlink.testing import free_ports
 
 
@@ -94,6 +94,35 @@ def test_reconnects_after_the_peer_restarts(pool: Pool, peer: EchoRouter) -> Non
     peer.start()
     assert pool.request(endpoint(peer), [b"a", b"3"], timeout=2.0, retries=2) == [b"re:3"]
     assert pool.stats.reconnects >= 1
+
+
+def test_a_peer_that_is_down_is_left_at_once_for_another(pool: Pool) -> None:
+    dead = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    with pytest.raises(PeerGone, match="is not connected"):
+        pool.request(dead, [b"a", b"x"], timeout=60)  # not 60 s: CONNECT_WAIT_S
+
+
+def test_a_peer_that_dies_with_the_request_out_fails_it_at_once(pool: Pool) -> None:
+    """A crashed peer's reply never comes: the request must not wait out its 60 s."""
+    port = free_ports(1)[0]
+    context = zmq.Context()
+    silent = context.socket(zmq.ROUTER)  # takes requests, never answers
+    silent.bind(f"tcp://127.0.0.1:{port}")
+    received = threading.Event()
+
+    def crash_once_received() -> None:
+        if silent.poll(10_000):
+            received.set()
+            silent.close(linger=0)  # the connection drops, as when the process dies
+
+    crash = threading.Thread(target=crash_once_received)
+    crash.start()
+    with pytest.raises(PeerGone, match="disconnected with the request out"):
+        pool.request(f"tcp://127.0.0.1:{port}", [b"a", b"lost"], timeout=60)
+    crash.join()
+    context.term()
+    assert received.is_set()
+    assert pool.stats.sockets == 0  # the socket of the lost request is closed
 
 
 def test_concurrent_threads_each_get_their_own_reply(pool: Pool, peer: EchoRouter) -> None:
