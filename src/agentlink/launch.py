@@ -86,10 +86,14 @@ class LaunchError(Exception):
         self.stopped = stopped
         super().__init__(instance, reason)
 
-    def __str__(self) -> str:
+    def describe(self) -> str:
+        """The agent, why, its last health answer and log lines."""
         logs = "\n".join(f"    {line}" for line in self.log_lines) or "    (no output)"
         return (f"agent {self.instance} {self.reason}\n"
-                f"  last health answer: {self.last_health}\n  last log lines:\n{logs}\n"
+                f"  last health answer: {self.last_health}\n  last log lines:\n{logs}")
+
+    def __str__(self) -> str:
+        return (f"{self.describe()}\n"
                 f"  stopped what this run started: {', '.join(self.stopped) or 'nothing'}")
 
 

@@ -157,12 +157,13 @@ class Upgrader:
 
     def _roll_back(self, unit: Unit, host: HostUpgrade, agents: list[str], err: Exception
                    ) -> UpgradeFailed:
-        cause = str(err) if isinstance(err, LaunchError) else f"{type(err).__name__}: {err}"
+        cause = err.describe() if isinstance(err, LaunchError) else f"{type(err).__name__}: {err}"
         self.progress(f"{unit.name}: {cause.splitlines()[0]}; rolling back")
         try:
             if not self.backend.restore(unit):
                 return UpgradeFailed(host, cause, restored=False)
             self.launcher.gate(agents, {unit.name: unit})
         except Exception as again:  # reported next to the first failure
-            return UpgradeFailed(host, cause, restored=False, restore_error=str(again))
+            why = again.describe() if isinstance(again, LaunchError) else str(again)
+            return UpgradeFailed(host, cause, restored=False, restore_error=why)
         return UpgradeFailed(host, cause, restored=True)
