@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEBIAN_PACKAGES := redis-server prometheus prometheus-alertmanager chromium chromium-driver
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/lab
 
-.PHONY: deploy test lint unit molecule down status bench bench-runtime bench-deploy bench-monitoring system docker local-up local-down
+.PHONY: deploy test lint unit molecule down status bench bench-runtime bench-deploy bench-monitoring bench-ha system docker local-up local-down
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -68,4 +68,8 @@ bench-deploy: $(STAMP) system docker
 bench-monitoring: $(STAMP) docker
 	$(BIN)/python bench/monitoring.py
 
-bench: bench-runtime bench-deploy bench-monitoring
+# Needs the lab deployed: a rolling upgrade under load, replica and Redis primary deaths.
+bench-ha: $(STAMP) docker
+	$(BIN)/python bench/ha.py
+
+bench: bench-runtime bench-deploy bench-monitoring bench-ha
