@@ -101,12 +101,30 @@ def _drainable(unit: Unit) -> list[tuple[str, str]]:
             if len(inst.agent.placements) > 1]
 
 
+def _unit(topology: Topology, group: str) -> Unit:
+    unit = next((u for u in _units(topology) if u.name == group), None)
+    if unit is None:
+        raise ValueError(f"the topology has no agent host group {group!r}")
+    return unit
+
+
+def _planned(unit: Unit, backend: ReplaceableBackend) -> HostUpgrade | None:
+    reason = backend.drift(unit)
+    if reason is None:
+        return None
+    return HostUpgrade(unit.name, unit.machine, unit.layer, reason, backend.running_image(unit),
+                       backend.image(unit), [instance for _, instance in _drainable(unit)])
+
+
 def pending(topology: Topology, backend: ReplaceableBackend) -> list[HostUpgrade]:
     """The hosts that do not run as specified, in start order, each with why."""
-    return [HostUpgrade(unit.name, unit.machine, unit.layer, reason,
-                        backend.running_image(unit), backend.image(unit),
-                        [instance for _, instance in _drainable(unit)])
-            for unit in _units(topology) if (reason := backend.drift(unit)) is not None]
+    return [host for unit in _units(topology) if (host := _planned(unit, backend))]
+
+
+def pending_host(topology: Topology, backend: ReplaceableBackend, group: str
+                 ) -> HostUpgrade | None:
+    """What upgrading this one host would do; None when it already runs as specified."""
+    return _planned(_unit(topology, group), backend)
 
 
 class Upgrader:
@@ -121,10 +139,8 @@ class Upgrader:
 
     def upgrade(self, group: str) -> HostUpgrade | None:
         """Replace one host; None when it already runs as specified."""
-        unit = next((u for u in _units(self.topology) if u.name == group), None)
-        if unit is None:
-            raise ValueError(f"the topology has no agent host group {group!r}")
-        host = next((h for h in pending(self.topology, self.backend) if h.group == group), None)
+        unit = _unit(self.topology, group)
+        host = _planned(unit, self.backend)
         if host is None:
             return None
         begun = time.monotonic()
