@@ -70,20 +70,14 @@ def main() -> None:
         supports_check_mode=True,
     )
     try:
-        from docker.errors import DockerException
-
         from agentlink import deploy
-        from agentlink.docker_backend import DockerBackend
         from agentlink.launch import LaunchError
-        from agentlink.topology import TopologyError, load
     except ImportError as err:
         module.fail_json(msg=f"the agentlink package is not importable by {err.name!r}: run "
                          "modules with the controller's venv (ansible_python_interpreter)")
     p = module.params
     try:
-        topology = load(p["topology"])
-        backend = DockerBackend(deploy.machine_specs(p["machines"], topology),
-                                prefix=p["prefix"])
+        topology, backend = deploy.open_deployment(p["topology"], p["machines"], p["prefix"])
         if p["state"] == "absent":
             result = ({"changed": bool(deploy.plan(topology, backend)["would_start"])}
                       if module.check_mode else deploy.remove(topology, backend))
@@ -91,16 +85,13 @@ def main() -> None:
             result = deploy.plan(topology, backend)
         else:
             result = deploy.launch(topology, backend)
-    except TopologyError as err:
-        module.fail_json(msg=f"invalid topology:\n{err}", problems=[str(e) for e in err.problems])
     except LaunchError as err:
         module.fail_json(msg=str(err), agent=err.instance, last_health=err.last_health,
                          log_lines=err.log_lines, stopped=err.stopped)
-    except DockerException as err:
-        module.fail_json(msg=f"a Docker engine does not answer: {err}. On the lab host run "
-                         "scripts/ensure-docker.sh; on a real machine check agentlink_docker_host")
-    except (ValueError, OSError) as err:
-        module.fail_json(msg=str(err))
+    except Exception as err:
+        if (failure := deploy.module_failure(err)) is None:
+            raise
+        module.fail_json(**failure)
     module.exit_json(**result)
 
 

@@ -70,33 +70,25 @@ def main() -> None:
         supports_check_mode=True,
     )
     try:
-        from docker.errors import DockerException
-
         from agentlink import deploy
-        from agentlink.docker_backend import DockerBackend
         from agentlink.registry import REDIS_ERRORS, Registry, redis_client
-        from agentlink.topology import TopologyError, load
-        from agentlink.upgrade import UpgradeFailed, Upgrader, pending
+        from agentlink.upgrade import UpgradeFailed, Upgrader, pending, pending_host
     except ImportError as err:
         module.fail_json(msg=f"the agentlink package is not importable by {err.name!r}: run "
                          "modules with the controller's venv (ansible_python_interpreter)")
     p = module.params
     try:
-        topology = load(p["topology"])
-        backend = DockerBackend(deploy.machine_specs(p["machines"], topology),
-                                prefix=p["prefix"])
-        hosts = pending(topology, backend)
+        topology, backend = deploy.open_deployment(p["topology"], p["machines"], p["prefix"])
         if p["group"] is None:
-            module.exit_json(changed=False, hosts=[h.to_dict() for h in hosts])
-        host = next((h for h in hosts if h.group == p["group"]), None)
+            module.exit_json(changed=False,
+                             hosts=[h.to_dict() for h in pending(topology, backend)])
+        host = pending_host(topology, backend, p["group"])
         if host is None or module.check_mode:
             module.exit_json(changed=host is not None,
                              would_upgrade=host.to_dict() if host else None)
         upgrader = Upgrader(topology, backend, Registry(redis_client(p["registry"])),
                             settle=p["settle"])
         done = upgrader.upgrade(p["group"])
-    except TopologyError as err:
-        module.fail_json(msg=f"invalid topology:\n{err}", problems=[str(e) for e in err.problems])
     except UpgradeFailed as err:
         module.fail_json(msg=str(err), group=err.host.group, cause=err.cause,
                          rolled_back=err.restored, image_from=err.host.image_from,
@@ -105,10 +97,10 @@ def main() -> None:
         module.fail_json(msg=f"the registry does not answer ({err}): check the Sentinels "
                          f"{p['registry'].get('sentinels')}. A drain left behind lifts itself "
                          "within 10 minutes")
-    except DockerException as err:
-        module.fail_json(msg=f"a Docker engine does not answer: {err}")
-    except (ValueError, OSError) as err:
-        module.fail_json(msg=str(err))
+    except Exception as err:
+        if (failure := deploy.module_failure(err)) is None:
+            raise
+        module.fail_json(**failure)
     module.exit_json(changed=done is not None, upgraded=done.to_dict() if done else None)
 
 

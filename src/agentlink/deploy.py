@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from docker.errors import DockerException
+
 from agentlink.docker_backend import LABEL_GROUP, DockerBackend, MachineSpec
 from agentlink.launch import Launcher, Unit
 from agentlink.launch import plan as plan_units
-from agentlink.topology import Topology
+from agentlink.topology import Topology, TopologyError, load
 
 
 def machine_specs(machines: dict[str, dict[str, Any]], topology: Topology
@@ -25,6 +27,25 @@ def machine_specs(machines: dict[str, dict[str, Any]], topology: Topology
                          "inventory does not define: add them to the inventory")
     return {name: MachineSpec(name=name, **{k: v for k, v in spec.items() if v is not None})
             for name, spec in machines.items() if name in topology.machines}
+
+
+def open_deployment(topology_path: str, machines: dict[str, dict[str, Any]], prefix: str
+                    ) -> tuple[Topology, DockerBackend]:
+    """The topology and the Docker backend of its machines, as the modules get them."""
+    topology = load(topology_path)
+    return topology, DockerBackend(machine_specs(machines, topology), prefix=prefix)
+
+
+def module_failure(err: Exception) -> dict[str, Any] | None:
+    """fail_json arguments for an error every deploy module reports alike; None: not one."""
+    if isinstance(err, TopologyError):
+        return {"msg": f"invalid topology:\n{err}", "problems": [str(e) for e in err.problems]}
+    if isinstance(err, DockerException):
+        return {"msg": f"a Docker engine does not answer: {err}. On the lab host run "
+                "scripts/ensure-docker.sh; on a real machine check agentlink_docker_host"}
+    if isinstance(err, ValueError | OSError):
+        return {"msg": str(err)}
+    return None
 
 
 def _units(topology: Topology) -> list[Unit]:

@@ -90,9 +90,9 @@ class DockerBackend:
                           LABEL_MACHINE: unit.machine}
         return spec
 
-    def _get(self, unit: Unit) -> Container | None:
+    def _get(self, unit: Unit, suffix: str = "") -> Container | None:
         try:
-            return self.client(unit.machine).containers.get(self.name(unit))
+            return self.client(unit.machine).containers.get(self.name(unit) + suffix)
         except NotFound:
             return None
 
@@ -116,12 +116,6 @@ class DockerBackend:
 
     # --- a rolling upgrade keeps the old host aside until the new one is healthy ----------
 
-    def _previous(self, unit: Unit) -> Container | None:
-        try:
-            return self.client(unit.machine).containers.get(self.name(unit) + PREVIOUS)
-        except NotFound:
-            return None
-
     def set_aside(self, unit: Unit) -> bool:
         self.discard_previous(unit)
         container = self._get(unit)
@@ -133,7 +127,7 @@ class DockerBackend:
 
     def restore(self, unit: Unit) -> bool:
         self.stop(unit)
-        previous = self._previous(unit)
+        previous = self._get(unit, PREVIOUS)
         if previous is None:
             return False
         previous.rename(self.name(unit))
@@ -141,7 +135,7 @@ class DockerBackend:
         return True
 
     def discard_previous(self, unit: Unit) -> None:
-        previous = self._previous(unit)
+        previous = self._get(unit, PREVIOUS)
         if previous is not None:
             previous.remove(force=True)
 
