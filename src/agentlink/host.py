@@ -32,7 +32,7 @@ from agentlink.agent import (
     Health,
     WebReply,
     checks_of,
-    evaluate,
+    evaluate_health,
 )
 from agentlink.client import FailoverClient
 from agentlink.metrics import HostMetrics
@@ -182,6 +182,8 @@ class AgentHost:
         self.client = FailoverClient(self.registry, self.pool,
                                      stateful=set(config.stateful_agents))
         self.metrics = HostMetrics(self)
+        self.endpoint = f"tcp://{config.advertise_host}:{config.port}"
+        self.client.local = (self.endpoint, self.local_reply)
         self.slots = {spec.agent: self._make_slot(spec) for spec in config.instances}
         self.metrics.declare(list(self.slots))
         self.started_at = 0.0
@@ -210,7 +212,7 @@ class AgentHost:
             stats=self.metrics.snapshot, system=cfg.system, registry=self.registry)
         record = InstanceRecord(
             agent=spec.agent, instance=spec.instance, machine=cfg.machine, group=cfg.group,
-            endpoint=f"tcp://{cfg.advertise_host}:{cfg.port}",
+            endpoint=self.endpoint,
             http=f"http://{cfg.advertise_host}:{cfg.http_port}")
         return _Slot(spec, load_class(spec.cls)(context), record)
 
@@ -280,7 +282,7 @@ class AgentHost:
             checks.append(Check("registry", "degraded", self.registry.last_error))
         if slot.ready:
             checks.extend(checks_of(slot.agent))
-        return evaluate(checks, starting=not slot.ready)
+        return evaluate_health(checks, starting=not slot.ready)
 
     def health(self) -> dict[str, Any]:
         agents = {s.spec.instance: {"agent": s.spec.agent, **self.instance_health(s).to_dict()}
@@ -379,6 +381,22 @@ class AgentHost:
             self._work(*job)
 
     def _work(self, ident: bytes, slot: _Slot, body: bytes) -> None:
+        self._pusher().send_multipart([ident, b"", self._answer(slot, body)])
+
+    def local_reply(self, frames: list[bytes]) -> list[bytes]:
+        """Answer a request to an agent of this process in the caller's thread.
+
+        The failover client comes here instead of this process's own endpoint: no TCP
+        connection to itself, no socket round trip, and no worker thread waiting for another
+        worker to take a request it sent itself."""
+        name = frames[0].decode(errors="replace")
+        slot = self.slots.get(name)
+        if slot is None or self.stopping.is_set() or not slot.ready:
+            self.metrics.rejected(name, protocol.UNAVAILABLE)
+            return [protocol.error(protocol.UNAVAILABLE, f"{name} is not accepting requests")]
+        return [self._answer(slot, frames[1])]
+
+    def _answer(self, slot: _Slot, body: bytes) -> bytes:
         started = time.perf_counter()
         try:
             reply = protocol.ok(slot.agent.handle(json.loads(body)))
@@ -390,7 +408,7 @@ class AgentHost:
             code = protocol.HANDLER_ERROR
             reply = protocol.error(code, f"{type(err).__name__}: {err}")
         self.metrics.observe(slot.spec.agent, time.perf_counter() - started, code)
-        self._pusher().send_multipart([ident, b"", reply])
+        return reply
 
     def _pusher(self) -> zmq.Socket[bytes]:
         sock = getattr(self._local, "push", None)

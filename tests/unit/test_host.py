@@ -185,6 +185,21 @@ def test_nested_calls_within_one_host_do_not_deadlock(redis_url: str) -> None:
         assert reply == {"by": "R1-1", "inner": {"by": "R2-1", "inner": {"by": "R3-1"}}}
 
 
+def test_calls_to_agents_of_the_same_process_are_answered_in_process(redis_url: str) -> None:
+    relay = "tests.unit.agents:Relay"
+    with run_group([AgentSpec("R1", relay), AgentSpec("R2", relay)], redis_url) as host:
+        sent_before = host.pool.stats.requests
+        assert host.client.call("R1", {"next": "R2"}, timeout=5)["inner"] == {"by": "R2-1"}
+        assert host.pool.stats.requests == sent_before  # nothing went over a socket
+        metrics = get(f"http://127.0.0.1:{host.config.http_port}/metrics")[1]
+        for agent in ("R1", "R2"):  # and both requests are counted like any other
+            assert f'agentlink_requests_total{{agent="{agent}"}} 1.0' in metrics
+        # What it does not serve is answered as a retryable error, so the client moves on.
+        with pytest.raises(protocol.RemoteError) as err:
+            protocol.decode_reply(host.local_reply(protocol.encode_request("Nobody", {})))
+        assert err.value.code in protocol.RETRYABLE
+
+
 def test_port_in_use_fails_at_start(redis_url: str) -> None:
     with run_group([AgentSpec("A", ECHO)], redis_url) as host:
         clash = AgentHost(host_config("clash", [AgentSpec("B", ECHO)], redis_url,
