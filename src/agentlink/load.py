@@ -61,7 +61,9 @@ def _memory(slot: Slot) -> Request:
     return MEMORY, {"op": "put", "key": key, "value": f"{slot.run}:{slot.n}"}, key
 
 
-# What each kind of target sends; `agent:<Name>` sends `{}` to any agent.
+# What each kind of target sends; `agent:<Name>` sends any agent a worker's request with
+# one hop, so that a worker also calls each of its dependencies once.
+WORKER_REQUEST = {"text": "the quick brown fox jumps over the lazy dog", "hops": 1}
 TARGETS: dict[str, Callable[[Slot], Request]] = {
     "coordinator": _coordinator,
     "twin": lambda slot: ("SystemDigitalTwin", _observe(slot), None),
@@ -84,7 +86,7 @@ def parse_target(text: str) -> tuple[str, int]:
 def build_request(target: str, slot: Slot) -> Request:
     """The request a target kind sends in this slot."""
     if target.startswith("agent:"):
-        return target.split(":", 1)[1], {}, None
+        return target.split(":", 1)[1], WORKER_REQUEST, None
     return TARGETS[target](slot)
 
 
