@@ -35,6 +35,12 @@ options:
     description: Container name prefix.
     type: str
     default: agentlink
+  one_by_one:
+    description:
+      - Start one container at a time, each gated on health before the next, instead of a
+        layer's containers together. Slower; the old way, kept for benchmarks.
+    type: bool
+    default: false
 """
 
 RETURN = r"""
@@ -66,6 +72,7 @@ def main() -> None:
             "machines": {"type": "dict", "required": True},
             "state": {"type": "str", "choices": ["started", "absent"], "default": "started"},
             "prefix": {"type": "str", "default": "agentlink"},
+            "one_by_one": {"type": "bool", "default": False},
         },
         supports_check_mode=True,
     )
@@ -84,7 +91,7 @@ def main() -> None:
         elif module.check_mode:
             result = deploy.plan(topology, backend)
         else:
-            result = deploy.launch(topology, backend)
+            result = deploy.launch(topology, backend, one_by_one=p["one_by_one"])
     except LaunchError as err:
         module.fail_json(msg=str(err), agent=err.instance, last_health=err.last_health,
                          log_lines=err.log_lines, stopped=err.stopped)

@@ -67,8 +67,9 @@ def plan(topology: Topology, backend: DockerBackend) -> dict[str, Any]:
 
 
 def launch(topology: Topology, backend: DockerBackend,
-           progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    report = Launcher(topology, backend, progress=progress).launch()
+           progress: Callable[[str], None] = lambda _: None,
+           one_by_one: bool = False) -> dict[str, Any]:
+    report = Launcher(topology, backend, progress=progress, one_by_one=one_by_one).launch()
     removed = []
     for container in _orphans(topology, backend):
         container.remove(force=True)

@@ -114,12 +114,17 @@ def _instance_state(report: dict[str, Any] | None, instance: str) -> tuple[str, 
 
 
 class Launcher:
+    """`one_by_one` starts a layer's hosts one at a time, each gated before the next: the
+    old way of starting a system, kept so that benchmarks can measure against it."""
+
     def __init__(self, topology: Topology, backend: Backend, *, poll: float = 0.05,
-                 progress: Callable[[str], None] = lambda _: None) -> None:
+                 progress: Callable[[str], None] = lambda _: None,
+                 one_by_one: bool = False) -> None:
         self.topology = topology
         self.backend = backend
         self.poll = poll
         self.progress = progress
+        self.one_by_one = one_by_one
 
     def launch(self) -> LaunchReport:
         begun = time.monotonic()
@@ -131,14 +136,19 @@ class Launcher:
         for index, agents in enumerate(agent_layers):
             layer_begun = time.monotonic()
             report = LayerReport(index, agents)
-            for unit, changed in self._start_all(units[index]):
-                (report.started if changed else report.unchanged).append(unit.name)
-                if changed:
-                    started.append(unit)
-            self.progress(f"layer {index}: {len(agents)} agent(s), started "
-                          f"{len(report.started)} host(s), {len(report.unchanged)} unchanged; "
-                          "waiting for health")
+            batches = [[u] for u in units[index]] if self.one_by_one else [units[index]]
             try:
+                for batch in batches:
+                    for unit, changed in self._start_all(batch):
+                        (report.started if changed else report.unchanged).append(unit.name)
+                        if changed:
+                            started.append(unit)
+                    if self.one_by_one:
+                        self.gate(agents, {u.name: u for u in batch})
+                self.progress(f"layer {index}: {len(agents)} agent(s), started "
+                              f"{len(report.started)} host(s), {len(report.unchanged)} "
+                              "unchanged; waiting for health")
+                # Hosts of earlier layers also serve agents of this one.
                 self.gate(agents, by_group)
             except LaunchError as err:
                 self._rollback(started, err)
