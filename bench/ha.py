@@ -41,8 +41,8 @@ import yaml
 from agentlink.client import FailoverClient
 from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE
 from agentlink.load import MEMORY, LoadSpec, Slot, build_request, percentile, run_load
-from agentlink.local import fetch_health
 from agentlink.registry import SERVING, Registry, redis_client
+from agentlink.status import fetch_health
 
 ROOT = Path(__file__).resolve().parent.parent
 NEXT_RELEASE = ROOT / "tests" / "upgrade" / "releases" / "v2"  # the running image + a label

@@ -31,9 +31,10 @@ import zmq
 from agentlink import protocol
 from agentlink.client import FailoverClient
 from agentlink.config import render_startup_config, write_startup_config
-from agentlink.local import LocalLab, fetch_health
+from agentlink.local import LocalLab
 from agentlink.redis_server import RedisServer
 from agentlink.registry import Registry, redis_client
+from agentlink.status import fetch_health
 from agentlink.testing import free_ports
 from agentlink.topology import load
 

@@ -163,8 +163,9 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agentlink import status
-    from agentlink.local import LocalLab, fetch_health
+    from agentlink.local import LocalLab
     from agentlink.registry import REDIS_ERRORS, Registry, redis_client
+    from agentlink.status import fetch_health
 
     state = LocalLab(_home(args)).state()
     file = args.file or state.get("topology") or DEFAULT_TOPOLOGY

@@ -23,7 +23,7 @@ from docker.errors import DockerException, NotFound
 from docker.models.containers import Container
 
 from agentlink.launch import Unit
-from agentlink.local import fetch_health
+from agentlink.status import fetch_health
 
 LABEL_DIGEST = "io.agentlink.digest"
 LABEL_GROUP = "io.agentlink.group"

@@ -21,7 +21,7 @@ from importlib import resources
 from typing import Any
 
 from agentlink.agent import AgentContext, BaseAgent, Degraded, WebReply
-from agentlink.local import fetch_health
+from agentlink.status import fetch_health
 
 SERVING = ("healthy", "degraded")
 HISTORY = 200

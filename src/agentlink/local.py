@@ -14,8 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,23 +24,10 @@ import psutil
 from agentlink.config import render_startup_config, write_startup_config
 from agentlink.launch import Launcher, LaunchReport, Unit
 from agentlink.redis_server import RedisServer
+from agentlink.status import fetch_health
 from agentlink.topology import Topology
 
 STOP_DEADLINE = 15.0
-
-
-def fetch_health(url: str, timeout: float = 0.5) -> dict[str, Any] | None:
-    """GET a /health URL; the JSON body of a 503 is an answer too. None if no answer."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
-            return dict(json.load(response))
-    except urllib.error.HTTPError as err:
-        try:
-            return dict(json.load(err))
-        except ValueError:
-            return None
-    except (OSError, ValueError):
-        return None
 
 
 def running(pid: int) -> bool:

@@ -3,6 +3,9 @@ live probe of its host's /health."""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -11,6 +14,20 @@ from agentlink.registry import Registry
 from agentlink.topology import Topology
 
 Probe = Callable[[str], dict[str, Any] | None]
+
+
+def fetch_health(url: str, timeout: float = 0.5) -> dict[str, Any] | None:
+    """GET a /health URL; the JSON body of a 503 is an answer too. None if no answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return dict(json.load(response))
+    except urllib.error.HTTPError as err:
+        try:
+            return dict(json.load(err))
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
