@@ -46,7 +46,7 @@ class Health:
                            for c in self.checks]}
 
 
-def evaluate(checks: list[Check], starting: bool) -> Health:
+def evaluate_health(checks: list[Check], starting: bool) -> Health:
     """The state from named checks: any failed is unhealthy, any degraded is degraded."""
     worst = max((_RANK[c.status] for c in checks), default=0)
     if worst == 2:

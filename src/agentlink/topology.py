@@ -212,7 +212,7 @@ def load(path: str | Path) -> Topology:
         reason = getattr(err, "problem", None) or str(err)
         raise TopologyError(path, [Problem(f"YAML syntax error: {reason}", line)]) from err
     checker = _Checker()
-    topology = checker.check(path, doc)
+    topology = checker.validate(path, doc)
     if checker.problems:
         raise TopologyError(path, checker.problems)
     return topology
@@ -230,7 +230,7 @@ class _Checker:
             self.add(f"unknown key '{key}' in {where} (allowed: {', '.join(sorted(allowed))})",
                      _line(mapping))
 
-    def check(self, path: str, doc: Any) -> Topology:
+    def validate(self, path: str, doc: Any) -> Topology:
         if not isinstance(doc, dict):
             self.add("the file must be a mapping with 'machines' and 'agents'", None)
             return Topology(path, {}, {})
