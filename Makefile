@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEBIAN_PACKAGES := redis-server prometheus prometheus-alertmanager chromium chromium-driver
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/lab
 
-.PHONY: deploy test lint unit molecule down status bench bench-runtime bench-deploy bench-monitoring bench-ha system docker local-up local-down
+.PHONY: deploy test lint unit molecule down status bench bench-all bench-runtime bench-deploy bench-monitoring bench-ha system docker local-up local-down
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -72,4 +72,10 @@ bench-monitoring: $(STAMP) docker
 bench-ha: $(STAMP) docker
 	$(BIN)/python bench/ha.py
 
-bench: bench-runtime bench-deploy bench-monitoring bench-ha
+# The roadmap's key metrics on the deployed lab, beside the old way in the same run; writes
+# docs/benchmarks.json and the key-metrics section of docs/benchmarks.md. Leaves the lab deployed.
+bench: $(STAMP) system docker
+	$(BIN)/python bench/keymetrics.py
+
+# Every figure of docs/benchmarks.md (bench-deploy --cold is run by hand: it removes all images).
+bench-all: bench bench-runtime bench-deploy bench-monitoring bench-ha

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,15 @@ PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 MB = 1_000_000
 
 
-def playbook(name: str) -> dict[str, Any]:
-    """Run a playbook on the lab with the JSON callback; wall time, changes, launch result."""
+def playbook(name: str, *extra_vars: str) -> dict[str, Any]:
+    """Run a playbook on the lab with the JSON callback; wall time, changes, launch result.
+    `extra_vars` are `key=value` settings, each passed with -e."""
     env = {**os.environ, "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
            "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1"}
     started = time.monotonic()
-    proc = subprocess.run([str(PLAYBOOK), "-i", "inventory/lab", name], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=False)
+    settings = [arg for var in extra_vars for arg in ("-e", var)]
+    proc = subprocess.run([str(PLAYBOOK), "-i", "inventory/lab", name, *settings], cwd=ROOT,
+                          env=env, capture_output=True, text=True, check=False)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}"
@@ -50,18 +53,31 @@ def playbook(name: str) -> dict[str, Any]:
             "layers": [(layer["layer"], layer["seconds"]) for layer in launch.get("layers", [])]}
 
 
-def image_sizes() -> dict[str, Any]:
+def image_sizes(machines: Iterable[str] = ()) -> dict[str, Any]:
+    """Each image's size and all of them stored together; with `machines`, also what those
+    machines' images and the images they are built on take together."""
     with (ROOT / "build" / "images.json").open() as manifest:
-        refs: dict[str, str] = json.load(manifest)["images"]
+        built = json.load(manifest)
+    refs: dict[str, str] = built["images"]
     client = docker.from_env()
     sizes = {name: client.images.get(ref).attrs["Size"] / MB for name, ref in refs.items()}
-    ids = {client.images.get(ref).id for ref in refs.values()}
-    df = client.df()
-    # Layers stored once: all images' bytes less what each shares with the others.
-    entries = [i for i in df["Images"] if i["Id"] in ids]
+    result = {"images_mb": sizes, "stored_mb": stored_mb(client, refs.values())}
+    lineage = set()
+    for name in machines:
+        while name:
+            lineage.add(name)
+            name = built["details"][name]["parent"]
+    if lineage:
+        result["agent_images_stored_mb"] = stored_mb(client, [refs[n] for n in lineage])
+    return result
+
+
+def stored_mb(client: docker.DockerClient, refs: Iterable[str]) -> float:
+    """Bytes these images take together, shared layers once, from Docker's own accounting."""
+    ids = {client.images.get(ref).id for ref in refs}
+    entries = [i for i in client.df()["Images"] if i["Id"] in ids]
     shared = max((i["SharedSize"] for i in entries), default=0)
-    unique = sum(i["Size"] - i["SharedSize"] for i in entries) + shared
-    return {"images_mb": sizes, "stored_mb": unique / MB}
+    return (sum(i["Size"] - i["SharedSize"] for i in entries) + shared) / MB
 
 
 def main() -> int:
