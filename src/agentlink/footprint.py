@@ -123,7 +123,7 @@ HEALTH_NAME = re.compile(r"health|^checks?(_|$)|^Check$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class CodeSpan:
-    where: str  # module:qualified name
+    where: str  # module.qualified.name
     lines: int  # lines of code: no blank lines, comments or docstrings
 
 
@@ -228,8 +228,8 @@ def _visit(node: ast.AST, where: str, source: list[str], found: HealthCode,
             found.agent_checks.append(span)
         elif not agent and HEALTH_NAME.search(child.name):
             found.code.append(span)
-        elif any(isinstance(n, ast.While) and _calls_own_health(n) for n in ast.walk(child)
-                 ) and not isinstance(child, ast.ClassDef):
+        elif not isinstance(child, ast.ClassDef) and any(
+                isinstance(n, ast.While) and _calls_own_health(n) for n in ast.walk(child)):
             found.loops.append(span)
             found.code.append(span)
         else:
