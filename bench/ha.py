@@ -40,7 +40,7 @@ import yaml
 
 from agentlink.client import FailoverClient
 from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE
-from agentlink.load import MEMORY, LoadSpec, Slot, build_request, percentile, run_load
+from agentlink.load import MEMORY, BackgroundLoad, LoadSpec, Slot, build_request, percentile
 from agentlink.registry import SERVING, Registry, redis_client
 from agentlink.status import fetch_health
 
@@ -210,13 +210,9 @@ def next_release(engine: docker.DockerClient, tag: str) -> None:
 def upgrade_under_load(engine: docker.DockerClient, client: FailoverClient) -> dict[str, Any]:
     tag = f"bench-{int(time.time())}"
     next_release(engine, tag)
-    stop = threading.Event()
-    result: dict[str, Any] = {}
     spec = LoadSpec(rate=40, duration=1800, workers=64, timeout=20.0,
                     targets=("coordinator", "twin", "memory"))
-    loader = threading.Thread(target=lambda: result.update(
-        report=run_load(client, spec, stop=stop)))
-    loader.start()
+    loader = BackgroundLoad(client, spec).start()
     time.sleep(3)
     began = time.monotonic()
     run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"),
@@ -224,11 +220,11 @@ def upgrade_under_load(engine: docker.DockerClient, client: FailoverClient) -> d
                           "-e", f"upgrade_image_tag={tag}"], cwd=ROOT, capture_output=True,
                          text=True, check=False)
     seconds = time.monotonic() - began
-    stop.set()
-    loader.join()
+    report = loader.stop()
     if run.returncode != 0:
         raise SystemExit(f"bench/ha.py: the upgrade failed:\n{run.stdout[-3000:]}")
-    report = result["report"]
+    if report is None:
+        raise SystemExit("bench/ha.py: the load generator did not finish")
     latency = report.latency()
     return {"hosts": run.stdout.count(" now runs "), "seconds": round(seconds, 1),
             "sent": report.sent, "failed": report.failed, "unsent": report.unsent,

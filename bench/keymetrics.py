@@ -23,7 +23,6 @@ import json
 import platform
 import re
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from agentlink.footprint import (
     runtime_modules,
     tree_footprint,
 )
-from agentlink.load import DEFAULT_TARGETS, LoadReport, LoadSpec, run_load
+from agentlink.load import DEFAULT_TARGETS, BackgroundLoad, LoadSpec
 from agentlink.registry import Registry, redis_client
 from agentlink.topology import Topology, load
 
@@ -118,17 +117,12 @@ def measure(engine: docker.DockerClient, topology: Topology) -> dict[str, Any]:
                                                    "service": "agentlink"})))
     targets = (*DEFAULT_TARGETS, *(f"agent:{a}" for a in topology.agents if a not in BY_KIND))
     spec = LoadSpec(rate=LOAD_RATE, duration=600, workers=16, timeout=10.0, targets=targets)
-    stop = threading.Event()
-    result: dict[str, LoadReport] = {}
-    loader = threading.Thread(target=lambda: result.update(
-        report=run_load(client, spec, stop=stop)))
-    loader.start()
-    try:
+    with BackgroundLoad(client, spec) as loader:
         time.sleep(LOAD_SETTLE_S)
         agents, infrastructure = read_processes(engine)
-    finally:
-        stop.set()
-        loader.join()
+        report = loader.stop()
+    if report is None:
+        raise SystemExit("bench/keymetrics.py: the load generator did not finish")
     everything = agents + infrastructure
     return {
         "agent_processes": len(agents),
@@ -138,7 +132,7 @@ def measure(engine: docker.DockerClient, topology: Topology) -> dict[str, Any]:
         "connections": connection_kinds(agents, infrastructure),
         "agent_ports": sum(len(p.listening) for p in agents),
         "infrastructure_ports": sum(len(p.listening) for p in infrastructure),
-        "load": {"sent": result["report"].sent, "failed": result["report"].failed},
+        "load": {"sent": report.sent, "failed": report.failed},
     }
 
 

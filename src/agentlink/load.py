@@ -287,3 +287,32 @@ def run_load(client: Caller, spec: LoadSpec,
     report = LoadRun(client, spec, progress, stop).run()
     verify_state(client, report, spec.timeout)
     return report
+
+
+class BackgroundLoad:
+    """`run_load` on a thread from `with` (or start()) until stop(): a load that lasts as
+    long as an operation of unknown length, such as an upgrade or a measurement."""
+
+    def __init__(self, client: Caller, spec: LoadSpec) -> None:
+        self._stop = threading.Event()
+        self._report: LoadReport | None = None
+        self._thread = threading.Thread(target=self._run, args=(client, spec), daemon=True)
+
+    def _run(self, client: Caller, spec: LoadSpec) -> None:
+        self._report = run_load(client, spec, stop=self._stop)
+
+    def start(self) -> BackgroundLoad:
+        self._thread.start()
+        return self
+
+    def stop(self, wait: float = 120.0) -> LoadReport | None:
+        """End the load and return its report; None if it did not finish within `wait`."""
+        self._stop.set()
+        self._thread.join(wait)
+        return self._report
+
+    def __enter__(self) -> BackgroundLoad:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -13,7 +13,7 @@ import pytest
 
 from agentlink.cli import main
 from agentlink.client import FailoverClient
-from agentlink.load import LoadReport, LoadSpec, parse_target, percentile, run_load
+from agentlink.load import BackgroundLoad, LoadReport, LoadSpec, parse_target, percentile, run_load
 from agentlink.registry import Registry, redis_client
 from agentlink.testing import AgentSpec, run_group
 
@@ -103,6 +103,15 @@ def test_a_stopped_run_ends_early_owing_nothing() -> None:
     assert 10 <= report.sent < 12000
     assert report.scheduled == report.sent == report.succeeded and report.unsent == 0
     assert report.ok
+
+
+def test_a_background_load_runs_until_stopped() -> None:
+    caller = FakeMemory()
+    with BackgroundLoad(caller, LoadSpec(rate=50, duration=600, targets=("twin",))) as load:
+        time.sleep(0.3)
+        report = load.stop()
+    assert report is not None and 5 <= report.sent < 1000  # not the 30000 of the whole run
+    assert report.scheduled == report.sent == report.succeeded and report.unsent == 0
 
 
 def test_an_acknowledged_write_missing_or_different_is_lost() -> None:

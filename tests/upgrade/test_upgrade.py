@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from agentlink.client import FailoverClient
 from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE
-from agentlink.load import MEMORY, LoadReport, LoadSpec, run_load
+from agentlink.load import MEMORY, BackgroundLoad, LoadReport, LoadSpec
 from tests.failover.test_faults import TARGETS, assert_nothing_lost, serving
 
 from .conftest import Lab
@@ -54,41 +53,23 @@ def upgrade(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=900)
 
 
-class Load:
-    """The load generator on a thread, from start until stopped."""
-
-    def __init__(self, lab: Lab) -> None:
-        client = FailoverClient(lab.registry(), stateful={MEMORY})
-        # A request may wait while a host without a replica is replaced: late, not failed.
-        spec = LoadSpec(rate=40, duration=1800, workers=64, timeout=20.0, targets=TARGETS)
-        self.stop = threading.Event()
-        self.report: LoadReport | None = None
-        self._thread = threading.Thread(
-            target=lambda: setattr(self, "report", run_load(client, spec, stop=self.stop)))
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self._thread.join(120)
-
-
 @pytest.fixture
-def load(lab: Lab) -> Iterator[Load]:
-    with Load(lab) as running:
+def load(lab: Lab) -> Iterator[BackgroundLoad]:
+    client = FailoverClient(lab.registry(), stateful={MEMORY})
+    # A request may wait while a host without a replica is replaced: late, not failed.
+    spec = LoadSpec(rate=40, duration=1800, workers=64, timeout=20.0, targets=TARGETS)
+    with BackgroundLoad(client, spec) as running:
         yield running
 
 
-def finished(load: Load) -> LoadReport:
-    load.__exit__()
-    assert load.report is not None, "the load generator did not finish"
-    return load.report
+def finished(load: BackgroundLoad) -> LoadReport:
+    report = load.stop()
+    assert report is not None, "the load generator did not finish"
+    return report
 
 
 def test_an_upgrade_to_v2_replaces_every_host_under_load_and_fails_no_request(
-        lab: Lab, releases: dict[str, dict[str, str]], load: Load) -> None:
+        lab: Lab, releases: dict[str, dict[str, str]], load: BackgroundLoad) -> None:
     before = hosts()
     run = upgrade("-e", "upgrade_image_tag=v2")
     report = finished(load)
@@ -126,7 +107,7 @@ def test_check_mode_lists_the_hosts_it_would_replace_and_touches_none(
 
 
 def test_a_release_that_never_gets_healthy_is_rolled_back_and_stops_the_upgrade(
-        lab: Lab, releases: dict[str, dict[str, str]], load: Load) -> None:
+        lab: Lab, releases: dict[str, dict[str, str]], load: BackgroundLoad) -> None:
     run = upgrade("-e", "upgrade_image_tag=v3")
     report = finished(load)
     assert run.returncode != 0
