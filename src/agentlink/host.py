@@ -16,7 +16,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,6 +34,7 @@ from agentlink.agent import (
     evaluate_health,
 )
 from agentlink.client import FailoverClient
+from agentlink.durable import Durable
 from agentlink.metrics import HostMetrics
 from agentlink.pool import get_pool
 from agentlink.registry import REDIS_ERRORS, InstanceRecord, Registry, redis_client
@@ -74,28 +74,15 @@ class HostConfig:
     system: dict[str, Any] = field(default_factory=dict)  # see render_startup_config
 
 
-class StateNotReplicated(RuntimeError):
-    """A replica is connected but did not confirm the write in time: not acknowledged."""
-
-
 class RedisState:
-    """An agent's state in one Redis hash, shared by all its replicas.
-
-    A write is acknowledged once it is fsynced on the primary (appendfsync always) and, when
-    a replica is connected, confirmed by it (WAIT): so it survives the primary's loss and the
-    Sentinels' failover. With no replica connected there is nothing to fail over to, and the
-    fsynced copy alone is the guarantee (it survives a restart of that Redis).
-    """
+    """An agent's state in one Redis hash, shared by all its replicas; every write is
+    acknowledged only once it would survive a failover (see agentlink.durable)."""
 
     def __init__(self, client: redis.Redis, agent: str, replica_wait_ms: int = 300,
                  outage_s: float = 8.0) -> None:
         self.client = client
-        self.outage_s = outage_s
+        self.durable = Durable(client, replica_wait_ms, outage_s)
         self.key = f"agentlink:state:{agent}"
-        # Below the client's socket timeout (0.5 s), so a slow replica is an answer, not a
-        # broken connection.
-        self.replica_wait_ms = replica_wait_ms
-        self._replica_seen = False
 
     def reachable(self) -> bool:
         """One quick try, for health checks: they must never wait out an outage."""
@@ -106,52 +93,14 @@ class RedisState:
         return True
 
     def get(self, key: str) -> Any:
-        value = self._retrying(lambda: self.client.hget(self.key, key))
+        value = self.durable.retrying(lambda: self.client.hget(self.key, key))
         return None if value is None else json.loads(value)
 
     def put(self, key: str, value: Any) -> None:
-        self._retrying(lambda: self._replicated(
-            lambda pipe: pipe.hset(self.key, key, json.dumps(value))))
+        self.durable.write(lambda pipe: pipe.hset(self.key, key, json.dumps(value)))
 
     def delete(self, key: str) -> None:
-        self._retrying(lambda: self._replicated(lambda pipe: pipe.hdel(self.key, key)))
-
-    def _retrying(self, operation: Callable[[], Any]) -> Any:
-        """Ride out a failover, a Redis restart or a replica that just vanished (seconds)
-        instead of failing the request: through Sentinel, each retry asks again who the
-        primary is, and the primary drops a dead replica after repl-timeout (5 s in the lab's
-        redis.conf). Writes are idempotent."""
-        deadline = time.monotonic() + self.outage_s
-        delay = 0.05
-        while True:
-            try:
-                return operation()
-            except (*REDIS_ERRORS, redis.ReadOnlyError, StateNotReplicated):
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-
-    def _replicated(self, write: Callable[[Any], Any], wait: bool | None = None) -> None:
-        """Write, and when a replica is connected, wait for it to confirm. WAIT blocks for
-        its whole timeout when no replica is there, so it is only sent when one was seen;
-        a replica seen for the first time gets the (idempotent) write again, with WAIT."""
-        wait = self._replica_seen if wait is None else wait
-        # WAIT counts the writes of its own connection: one pipeline, one connection.
-        pipe = self.client.pipeline(transaction=False)
-        write(pipe)
-        if wait:
-            pipe.wait(1, self.replica_wait_ms)
-        pipe.info("replication")
-        results = pipe.execute()
-        self._replica_seen = results[-1].get("connected_slaves", 0) > 0
-        if not self._replica_seen:
-            return
-        if not wait:
-            self._replicated(write, wait=True)
-        elif results[-2] < 1:
-            raise StateNotReplicated(
-                f"{self.key}: no replica confirmed the write within {self.replica_wait_ms} ms")
+        self.durable.write(lambda pipe: pipe.hdel(self.key, key))
 
 
 def load_class(path: str) -> type[BaseAgent]:

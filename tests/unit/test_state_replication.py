@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from agentlink.host import RedisState, StateNotReplicated
+from agentlink.durable import StateNotReplicated
+from agentlink.host import RedisState
 from agentlink.redis_server import RedisServer
 
 from .conftest import eventually
