@@ -75,7 +75,7 @@ def checks_of(agent: BaseAgent) -> list[Check]:
 
 class Caller(Protocol):
     def __call__(self, agent: str, payload: Any, key: str | None = None,
-                 timeout: float | None = None) -> Any: ...
+                 timeout: float | None = None, idempotency_key: str | None = None) -> Any: ...
 
 
 class StateStore(Protocol):
@@ -145,6 +145,13 @@ class BaseAgent:
     def handle(self, request: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement handle()")
 
+    def start(self) -> None:
+        """Called once the agent's dependencies are up, before it is registered as serving:
+        start background work here (threads must not block the call)."""
+
+    def stop(self) -> None:
+        """Called when the host stops, after in-flight requests ended: end background work."""
+
     def check_health(self) -> dict[str, bool | Degraded]:
         """Named checks of the agent's own: True ok, False failed, Degraded('why') impaired."""
         return {}
@@ -159,8 +166,9 @@ class BaseAgent:
         return ()
 
     def call(self, agent: str, payload: Any, key: str | None = None,
-             timeout: float | None = None) -> Any:
+             timeout: float | None = None, idempotency_key: str | None = None) -> Any:
         """Call another agent by name through the failover client."""
         if self.context.call is None:
             raise RuntimeError(f"{self.instance} has no way to call {agent} (no client given)")
-        return self.context.call(agent, payload, key=key, timeout=timeout)
+        return self.context.call(agent, payload, key=key, timeout=timeout,
+                                 idempotency_key=idempotency_key)

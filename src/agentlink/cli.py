@@ -7,8 +7,12 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from agentlink import topology as topo
 
@@ -17,6 +21,7 @@ if TYPE_CHECKING:
 
 DEFAULT_TOPOLOGY = os.environ.get("AGENTLINK_TOPOLOGY", "topology/agents.yml")
 EXIT_INVALID = 2
+COORDINATOR = "RequestCoordinator"
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -184,6 +189,140 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(r.serving for r in rows) else 1
 
 
+def _coordinator(args: argparse.Namespace, command: str) -> Any:
+    """A failover client to the RequestCoordinator replicas, or None (said why)."""
+    from agentlink.client import FailoverClient
+    from agentlink.local import LocalLab
+    from agentlink.registry import Registry, redis_client
+
+    settings = _redis_settings(args, LocalLab(_home(args)).state(), command)
+    return None if settings is None else FailoverClient(Registry(redis_client(settings)))
+
+
+def _workflow_errors(call: Callable[[], int], command: str) -> int:
+    """The coordinator's refusal or absence as one line on stderr and an exit code."""
+    from agentlink.client import NoInstance
+    from agentlink.protocol import BAD_REQUEST, RemoteError
+
+    try:
+        return call()
+    except RemoteError as err:
+        print(f"agentlink {command}: {err.message}", file=sys.stderr)
+        return EXIT_INVALID if err.code == BAD_REQUEST else 1
+    except NoInstance as err:
+        print(f"agentlink {command}: {err} (is the system up?)", file=sys.stderr)
+        return 1
+
+
+def _say_workflow(record: dict[str, Any]) -> None:
+    took = record.get("finished", time.time()) - record["created"]
+    _say(f"workflow {record['name']} {record['id']}: {record['state']} "
+         f"({took:.2f}s, run by {record['owner']})")
+    for sid, step in record["steps"].items():
+        detail = step.get("error") or json.dumps(step.get("result"))[:70]
+        _say(f"  {sid:<16} {step['state']:<10} attempts {step['attempts']}  "
+             f"{'' if step['state'] == 'pending' else detail}")
+    if record.get("error"):
+        _say(record["error"])
+
+
+def cmd_workflow_validate(args: argparse.Namespace) -> int:
+    from agentlink.workflow.definition import WorkflowError, load
+
+    topology = _load(args.topology)
+    if topology is None:
+        return EXIT_INVALID
+    try:
+        workflow = load(args.workflow, topology.agents)
+    except WorkflowError as err:
+        print(err, file=sys.stderr)
+        print(f"{len(err.problems)} problem(s) in {args.workflow}", file=sys.stderr)
+        return EXIT_INVALID
+    _say(f"{args.workflow}: ok ({len(workflow.steps)} steps)")
+    return 0
+
+
+def cmd_workflow_run(args: argparse.Namespace) -> int:
+    if cmd_workflow_validate(args) != 0:
+        return EXIT_INVALID
+    try:
+        inputs = json.loads(args.input) if args.input else {}
+    except ValueError as err:
+        print(f"agentlink workflow run: --input is not JSON: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    client = _coordinator(args, "workflow run")
+    if client is None:
+        return EXIT_INVALID
+    document = yaml.safe_load(Path(args.workflow).read_text())
+
+    def run() -> int:
+        started = client.call(COORDINATOR, {"op": "workflow.run", "workflow": document,
+                                            "input": inputs})
+        _say(f"started {started['id']} on {started['owner']} "
+             f"(initialized in {started['init_ms']} ms)")
+        return _wait_workflow(client, started["id"], args.timeout) if args.wait else 0
+
+    return _workflow_errors(run, "workflow run")
+
+
+def _wait_workflow(client: Any, workflow_id: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    seen: dict[str, str] = {}
+    while True:
+        record = client.call(COORDINATOR, {"op": "workflow.status", "id": workflow_id})
+        for sid, step in record["steps"].items():
+            if step["state"] in ("succeeded", "failed") and seen.get(sid) != step["state"]:
+                seen[sid] = step["state"]
+                print(f"  step {sid}: {step['state']}", file=sys.stderr, flush=True)
+        if record["state"] != "running":
+            _say_workflow(record)
+            return 0 if record["state"] == "succeeded" else 1
+        if time.monotonic() > deadline:
+            print(f"agentlink workflow run: {workflow_id} still running after {timeout:g}s; "
+                  f"`agentlink workflow status {workflow_id}` follows it", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+
+
+def cmd_workflow_status(args: argparse.Namespace) -> int:
+    client = _coordinator(args, "workflow status")
+    if client is None:
+        return EXIT_INVALID
+
+    def status() -> int:
+        record = client.call(COORDINATOR, {"op": "workflow.status", "id": args.id})
+        if args.json:
+            _say(json.dumps(record, indent=2))
+        else:
+            _say_workflow(record)
+        return {"succeeded": 0, "running": 0}.get(record["state"], 1)
+
+    return _workflow_errors(status, "workflow status")
+
+
+def _workflow_parser(sub: Any, registry_options: Callable[[argparse.ArgumentParser], None]
+                     ) -> None:
+    workflow = sub.add_parser("workflow", help="run workflows through RequestCoordinator")
+    steps = workflow.add_subparsers(dest="workflow_command", required=True)
+    for name, func, text in (
+            ("validate", cmd_workflow_validate, "check a workflow file against the topology"),
+            ("run", cmd_workflow_run, "start a workflow; --wait follows it to the end")):
+        cmd = steps.add_parser(name, help=text)
+        cmd.set_defaults(func=func)
+        cmd.add_argument("workflow", metavar="FILE")
+        cmd.add_argument("--topology", default=DEFAULT_TOPOLOGY)
+    run = steps.choices["run"]
+    run.add_argument("--input", help="JSON object over the file's input defaults")
+    run.add_argument("--wait", action="store_true", help="exit 0 when it succeeds, 1 if not")
+    run.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits")
+    status = steps.add_parser("status", help="a workflow's state and every step's")
+    status.set_defaults(func=cmd_workflow_status)
+    status.add_argument("id")
+    status.add_argument("--json", action="store_true")
+    for cmd in (run, status):
+        registry_options(cmd)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentlink", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -217,13 +356,24 @@ def parser() -> argparse.ArgumentParser:
                            "(repeat; default the first three)")
     load.add_argument("--json", action="store_true")
     for cmd in (status, load):
-        cmd.add_argument("--redis-url")
-        cmd.add_argument("--sentinel", action="append", metavar="HOST:PORT",
-                         help="find the registry through Sentinel (repeat for each)")
-        cmd.add_argument("--service", default="agentlink", help="Sentinel's name of the primary")
-    for cmd in (up, status, down, load):
-        cmd.add_argument("--home", help="state directory (default $AGENTLINK_HOME or .agentlink)")
+        _registry_options(cmd)
+    for cmd in (up, down):
+        _home_option(cmd)
+    _workflow_parser(sub, _registry_options)
     return p
+
+
+def _home_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--home", help="state directory (default $AGENTLINK_HOME or .agentlink)")
+
+
+def _registry_options(cmd: argparse.ArgumentParser) -> None:
+    """Where the registry is: the local lab's (--home), --redis-url or --sentinel."""
+    cmd.add_argument("--redis-url")
+    cmd.add_argument("--sentinel", action="append", metavar="HOST:PORT",
+                     help="find the registry through Sentinel (repeat for each)")
+    cmd.add_argument("--service", default="agentlink", help="Sentinel's name of the primary")
+    _home_option(cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ while it lives and moves to the same next one for every caller when it dies. A t
 retryable error marks the instance for a cool-down and the next one is tried, all within the
 request's one deadline. Each attempt gets at least half of what is left of it, so a slow
 handler is not mistaken for a dead one; a request retried after a timeout may have run
-once already, so handlers reached through failover should be idempotent.
+once already, so handlers reached through failover should be idempotent, or the request
+should carry an idempotency key.
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ class FailoverClient:
             self.failovers += 1
 
     def call(self, agent: str, payload: Any, key: str | None = None,
-             timeout: float | None = None) -> Any:
+             timeout: float | None = None, idempotency_key: str | None = None) -> Any:
+        """`key` routes a stateful agent's request; `idempotency_key` makes the request run at
+        most once, however often it is sent (see agentlink.idempotency)."""
         deadline = time.monotonic() + (timeout or 5.0)
         last_error = "no instance registered"
-        frames = protocol.encode_request(agent, payload)
+        frames = protocol.encode_request(agent, payload, idempotency_key)
         force = False
         while time.monotonic() < deadline:
             candidates = self._order(agent, self._discover(agent, force), key)

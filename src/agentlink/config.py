@@ -54,7 +54,8 @@ def system_layout(topology: Topology, addresses: Mapping[str, str],
 
     layer = topology.layer_of()
     agents = [{"name": a.name, "layer": layer[a.name], "replicas": a.replicas,
-               "stateful": a.stateful, "memory_mb": a.memory_mb}
+               "stateful": a.stateful, "memory_mb": a.memory_mb,
+               "concurrency": a.concurrency}
               for a in topology.agents.values()]
     instances = [{"agent": i.agent.name, "instance": i.id, "machine": i.placement.machine,
                   "group": i.placement.group} for i in topology.instances]

@@ -26,6 +26,10 @@ class StateNotReplicated(RuntimeError):
     """A replica is connected but did not confirm the write in time: not acknowledged."""
 
 
+# What a durable read or write raises once the outage outlasts its patience.
+DURABLE_ERRORS = (*REDIS_ERRORS, redis.ReadOnlyError, StateNotReplicated)
+
+
 class Durable:
     def __init__(self, client: redis.Redis, replica_wait_ms: int = 300,
                  outage_s: float = 8.0) -> None:
@@ -46,7 +50,7 @@ class Durable:
         while True:
             try:
                 return operation()
-            except (*REDIS_ERRORS, redis.ReadOnlyError, StateNotReplicated):
+            except DURABLE_ERRORS:
                 if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)

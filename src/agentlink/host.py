@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,7 +35,8 @@ from agentlink.agent import (
     evaluate_health,
 )
 from agentlink.client import FailoverClient
-from agentlink.durable import Durable
+from agentlink.durable import DURABLE_ERRORS, Durable
+from agentlink.idempotency import Idempotency
 from agentlink.metrics import HostMetrics
 from agentlink.pool import get_pool
 from agentlink.registry import REDIS_ERRORS, InstanceRecord, Registry, redis_client
@@ -119,6 +121,7 @@ class _Slot:
         self.agent = agent
         self.record = record
         self.ready = not spec.depends_on
+        self.started = False  # agent.start() called
         self.waiting_for: list[str] = list(spec.depends_on)
 
 
@@ -133,6 +136,7 @@ class AgentHost:
         self.metrics = HostMetrics(self)
         self.endpoint = f"tcp://{config.advertise_host}:{config.port}"
         self.client.local = (self.endpoint, self.local_reply)
+        self.idempotency = Idempotency(self.redis)
         self.slots = {spec.agent: self._make_slot(spec) for spec in config.instances}
         self.metrics.declare(list(self.slots))
         self.started_at = 0.0
@@ -140,7 +144,8 @@ class AgentHost:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         # A plain queue and threads: the handoff is a C-level lock, the cheapest there is.
-        self._work_queue: queue.SimpleQueue[tuple[bytes, _Slot, bytes] | None] = queue.SimpleQueue()
+        self._work_queue: queue.SimpleQueue[
+            tuple[bytes, _Slot, bytes, bytes | None] | None] = queue.SimpleQueue()
         self._reply_addr = f"inproc://replies-{id(self)}"
         self._local = threading.local()
         self._pushers: list[zmq.Socket[bytes]] = []
@@ -201,6 +206,9 @@ class AgentHost:
             time.sleep(0.01)
         if self._inflight:
             log.warning("stopping with %d request(s) still running", self._inflight)
+        for slot in self.slots.values():
+            if slot.started:
+                self._agent_hook(slot, slot.agent.stop)
         for _ in range(self.config.workers):
             self._work_queue.put(None)
         self._io_done.wait(2.0)
@@ -265,10 +273,20 @@ class AgentHost:
 
     def _resolve_dependencies(self) -> None:
         for slot in self.slots.values():
-            if slot.ready:
-                continue
-            slot.waiting_for = [d for d in slot.spec.depends_on if not self._dependency_up(d)]
-            slot.ready = not slot.waiting_for
+            if not slot.ready:
+                slot.waiting_for = [d for d in slot.spec.depends_on
+                                    if not self._dependency_up(d)]
+                slot.ready = not slot.waiting_for
+            if slot.ready and not slot.started:
+                slot.started = True
+                self._agent_hook(slot, slot.agent.start)
+
+    @staticmethod
+    def _agent_hook(slot: _Slot, hook: Callable[[], None]) -> None:
+        try:
+            hook()
+        except Exception:  # the agent's health checks say what this broke
+            log.exception("%s: %s() failed", slot.spec.instance, hook.__name__)
 
     def _dependency_up(self, agent: str) -> bool:
         local = self.slots.get(agent)
@@ -306,12 +324,12 @@ class AgentHost:
 
     def _dispatch(self, frames: list[bytes]) -> None:
         assert self._router is not None
-        if len(frames) != 4 or frames[1] != b"":
+        if len(frames) not in (4, 5) or frames[1] != b"":
             self.metrics.rejected("?", protocol.BAD_REQUEST)
             self._router.send_multipart([frames[0], b"", protocol.error(
-                protocol.BAD_REQUEST, "expected frames: agent name, JSON body")])
+                protocol.BAD_REQUEST, "expected frames: agent name, JSON body[, key]")])
             return
-        ident, _, target, body = frames
+        ident, _, target, body, *key = frames
         name = target.decode(errors="replace")
         slot = self.slots.get(name)
         if slot is None or self.stopping.is_set() or not slot.ready:
@@ -323,14 +341,14 @@ class AgentHost:
             return
         with self._inflight_lock:
             self._inflight += 1
-        self._work_queue.put((ident, slot, body))
+        self._work_queue.put((ident, slot, body, key[0] if key else None))
 
     def _worker(self) -> None:
         while (job := self._work_queue.get()) is not None:
             self._work(*job)
 
-    def _work(self, ident: bytes, slot: _Slot, body: bytes) -> None:
-        self._pusher().send_multipart([ident, b"", self._answer(slot, body)])
+    def _work(self, ident: bytes, slot: _Slot, body: bytes, key: bytes | None) -> None:
+        self._pusher().send_multipart([ident, b"", self._answer(slot, body, key)])
 
     def local_reply(self, frames: list[bytes]) -> list[bytes]:
         """Answer a request to an agent of this process in the caller's thread.
@@ -343,9 +361,28 @@ class AgentHost:
         if slot is None or self.stopping.is_set() or not slot.ready:
             self.metrics.rejected(name, protocol.UNAVAILABLE)
             return [protocol.error(protocol.UNAVAILABLE, f"{name} is not accepting requests")]
-        return [self._answer(slot, frames[1])]
+        return [self._answer(slot, frames[1], frames[2] if len(frames) > 2 else None)]
 
-    def _answer(self, slot: _Slot, body: bytes) -> bytes:
+    def _answer(self, slot: _Slot, body: bytes, key: bytes | None) -> bytes:
+        """The reply to a request; with an idempotency key, at most one run per key."""
+        if key is None:
+            return self._run(slot, body)[0]
+        agent, name = slot.spec.agent, key.decode(errors="replace")
+        try:
+            earlier = self.idempotency.claim(agent, name)
+        except DURABLE_ERRORS as err:
+            return protocol.error(protocol.UNAVAILABLE, f"idempotency store: {err}")
+        if earlier is not None:
+            self.metrics.repeated(agent)
+            return earlier
+        reply, succeeded = self._run(slot, body)
+        try:
+            self.idempotency.finish(agent, name, reply, succeeded)
+        except DURABLE_ERRORS as err:  # the claim expires; a repeat after that runs again
+            log.warning("%s: reply for key %r not kept: %s", slot.spec.instance, name, err)
+        return reply
+
+    def _run(self, slot: _Slot, body: bytes) -> tuple[bytes, bool]:
         started = time.perf_counter()
         try:
             reply = protocol.ok(slot.agent.handle(json.loads(body)))
@@ -357,7 +394,7 @@ class AgentHost:
             code = protocol.HANDLER_ERROR
             reply = protocol.error(code, f"{type(err).__name__}: {err}")
         self.metrics.observe(slot.spec.agent, time.perf_counter() - started, code)
-        return reply
+        return reply, not code
 
     def _pusher(self) -> zmq.Socket[bytes]:
         sock = getattr(self._local, "push", None)

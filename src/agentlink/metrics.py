@@ -82,6 +82,10 @@ class HostMetrics:
                                 registry=self.registry)
         self.errors = Counter("agentlink_request_errors", "Requests answered with an error",
                               ["agent", "code"], registry=self.registry)
+        self.repeats = Counter("agentlink_request_repeats",
+                               "Requests with an idempotency key already run: answered with "
+                               "the first reply (or in_progress), not run again", ["agent"],
+                               registry=self.registry)
         self.duration = Histogram("agentlink_request_duration_seconds", "Time in handle()",
                                   ["agent"], registry=self.registry,
                                   buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
@@ -101,6 +105,9 @@ class HostMetrics:
         self.duration.labels(agent).observe(seconds)
         if error_code:
             self.errors.labels(agent, error_code).inc()
+
+    def repeated(self, agent: str) -> None:
+        self.repeats.labels(agent).inc()
 
     def rejected(self, agent: str, code: str) -> None:
         self.errors.labels(agent, code).inc()

@@ -1,7 +1,9 @@
 """The wire format between a client and an agent host.
 
 A request is two frames after the DEALER/ROUTER envelope: the target agent's name and a JSON
-body. A reply is one JSON frame: {"ok": true, "result": ...} or {"ok": false, "code", "error"}.
+body, and optionally a third, an idempotency key: the agent host then runs the request at most
+once for that key and answers repeats with the first reply (agentlink.idempotency).
+A reply is one JSON frame: {"ok": true, "result": ...} or {"ok": false, "code", "error"}.
 Codes tell the client whether another instance may be tried: only codes in RETRYABLE mean the
 request was not processed.
 """
@@ -15,6 +17,7 @@ UNKNOWN_AGENT = "unknown_agent"
 UNAVAILABLE = "unavailable"  # host stopping or instance draining: not processed, try another
 BAD_REQUEST = "bad_request"
 HANDLER_ERROR = "handler_error"
+IN_PROGRESS = "in_progress"  # a request with this idempotency key is running: ask again later
 RETRYABLE = frozenset({UNKNOWN_AGENT, UNAVAILABLE})
 
 
@@ -27,8 +30,11 @@ class RemoteError(Exception):
         self.message = message
 
 
-def encode_request(agent: str, payload: Any) -> list[bytes]:
-    return [agent.encode(), json.dumps(payload, separators=(",", ":")).encode()]
+def encode_request(agent: str, payload: Any, idempotency_key: str | None = None) -> list[bytes]:
+    frames = [agent.encode(), json.dumps(payload, separators=(",", ":")).encode()]
+    if idempotency_key is not None:
+        frames.append(idempotency_key.encode())
+    return frames
 
 
 def ok(result: Any) -> bytes:

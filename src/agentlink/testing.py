@@ -46,7 +46,7 @@ def call_handle(agent_cls: type[BaseAgent], request: Any, *,
     fakes = dict(calls or {})
 
     def call(agent: str, payload: Any, key: str | None = None,
-             timeout: float | None = None) -> Any:
+             timeout: float | None = None, idempotency_key: str | None = None) -> Any:
         if agent not in fakes:
             raise AssertionError(f"unexpected call to {agent}; fake it with calls={{...}}")
         return fakes[agent](payload)

@@ -17,11 +17,13 @@ import yaml
 
 AGENT_KEYS = {
     "name", "class", "machine", "group", "port", "placement", "depends_on", "replicas",
-    "stateful", "resources", "health_timeout", "options",
+    "stateful", "resources", "health_timeout", "concurrency", "options",
 }
 PLACEMENT_KEYS = {"machine", "group", "port"}
 TOP_KEYS = {"version", "machines", "defaults", "agents"}
-DEFAULT_KEYS = {"resources", "health_timeout"}
+DEFAULT_KEYS = {"resources", "health_timeout", "concurrency"}
+# Requests one instance takes at once from the workflow scheduler, unless the topology says.
+DEFAULT_CONCURRENCY = 8
 MACHINE_KEYS = {"address_env"}
 RESOURCE_KEYS = {"memory", "cpus"}
 CLASS_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -63,6 +65,7 @@ class Agent:
     memory_mb: float = 32.0
     cpus: float = 0.1
     health_timeout: float = 15.0
+    concurrency: int = DEFAULT_CONCURRENCY
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -151,27 +154,27 @@ class Topology:
         return min(layer[i.agent.name] for i in group.instances)
 
 
-# --- loading with line numbers ------------------------------------------------------------
+# --- loading with line numbers (workflow definitions load the same way) --------------------
 
 
-class _LineDict(dict[str, Any]):
+class LineDict(dict[str, Any]):
     line: int = 0
 
 
-class _LineLoader(yaml.SafeLoader):
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> _LineDict:
-        mapping = _LineDict(super().construct_mapping(node, deep=deep))
+class LineLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> LineDict:
+        mapping = LineDict(super().construct_mapping(node, deep=deep))
         mapping.line = node.start_mark.line + 1
         return mapping
 
 
-_LineLoader.add_constructor(
+LineLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     lambda loader, node: loader.construct_mapping(node, deep=True),  # type: ignore[arg-type]
 )
 
 
-def _line(obj: Any) -> int | None:
+def line_of(obj: Any) -> int | None:
     return getattr(obj, "line", None)
 
 
@@ -205,7 +208,7 @@ def load(path: str | Path) -> Topology:
     except OSError as err:
         raise TopologyError(path, [Problem(f"cannot read file: {err.strerror}")]) from err
     try:
-        doc = yaml.load(text, Loader=_LineLoader)
+        doc = yaml.load(text, Loader=LineLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -228,7 +231,7 @@ class _Checker:
     def unknown_keys(self, mapping: dict[str, Any], allowed: set[str], where: str) -> None:
         for key in sorted(set(mapping) - allowed):
             self.add(f"unknown key '{key}' in {where} (allowed: {', '.join(sorted(allowed))})",
-                     _line(mapping))
+                     line_of(mapping))
 
     def validate(self, path: str, doc: Any) -> Topology:
         if not isinstance(doc, dict):
@@ -237,11 +240,11 @@ class _Checker:
         self.unknown_keys(doc, TOP_KEYS, "the top level")
         machines = doc.get("machines") or {}
         if not isinstance(machines, dict) or not machines:
-            self.add("'machines' must map each machine name to its settings", _line(doc))
+            self.add("'machines' must map each machine name to its settings", line_of(doc))
             machines = {}
         for name, settings in machines.items():
             if not isinstance(settings, dict):
-                self.add(f"machine '{name}': settings must be a mapping (or {{}})", _line(doc))
+                self.add(f"machine '{name}': settings must be a mapping (or {{}})", line_of(doc))
                 continue
             self.unknown_keys(settings, MACHINE_KEYS, f"machine '{name}'")
         defaults = doc.get("defaults") or {}
@@ -249,7 +252,7 @@ class _Checker:
             self.unknown_keys(defaults, DEFAULT_KEYS, "defaults")
         raw_agents = doc.get("agents")
         if not isinstance(raw_agents, list) or not raw_agents:
-            self.add("'agents' must be a non-empty list", _line(doc))
+            self.add("'agents' must be a non-empty list", line_of(doc))
             raw_agents = []
         agents: dict[str, Agent] = {}
         for raw in raw_agents:
@@ -257,11 +260,11 @@ class _Checker:
             if agent is None:
                 continue
             if agent.name in agents:
-                self.add(f"duplicate agent name '{agent.name}'", _line(raw))
+                self.add(f"duplicate agent name '{agent.name}'", line_of(raw))
                 continue
             agents[agent.name] = agent
         topology = Topology(path, dict(machines), agents)
-        lines = {r.get("name"): _line(r) for r in raw_agents if isinstance(r, dict)}
+        lines = {r.get("name"): line_of(r) for r in raw_agents if isinstance(r, dict)}
         self.dependencies(agents, lines)
         self.groups(topology, lines)
         return topology
@@ -270,7 +273,7 @@ class _Checker:
         if not isinstance(raw, dict):
             self.add(f"an agent must be a mapping, got {raw!r}", None)
             return None
-        line = _line(raw)
+        line = line_of(raw)
         self.unknown_keys(raw, AGENT_KEYS, f"agent '{raw.get('name', '?')}'")
         name = raw.get("name")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][\w-]*", name):
@@ -297,15 +300,21 @@ class _Checker:
         if not isinstance(timeout, int | float) or timeout <= 0:
             self.add(f"agent '{name}': health_timeout must be a positive number of seconds", line)
             timeout = 15
+        concurrency = raw.get("concurrency", defaults.get("concurrency", DEFAULT_CONCURRENCY))
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            self.add(f"agent '{name}': concurrency must be a whole number of requests, 1 or more",
+                     line)
+            concurrency = DEFAULT_CONCURRENCY
         return Agent(
             name=name, cls=str(cls), placements=tuple(placements), depends_on=tuple(depends),
             stateful=bool(raw.get("stateful", False)), memory_mb=memory or 32.0,
-            cpus=float(cpus), health_timeout=float(timeout), options=dict(raw.get("options") or {}),
+            cpus=float(cpus), health_timeout=float(timeout), concurrency=concurrency,
+            options=dict(raw.get("options") or {}),
         )
 
     def placements(self, name: str, raw: dict[str, Any],
                    machines: dict[str, Any]) -> list[Placement]:
-        line = _line(raw)
+        line = line_of(raw)
         if "placement" in raw:
             entries = raw["placement"]
             if not isinstance(entries, list) or not entries:
@@ -323,7 +332,7 @@ class _Checker:
         for entry in entries:
             if entry is not raw:
                 self.unknown_keys(entry, PLACEMENT_KEYS, f"placement of agent '{name}'")
-            where = _line(entry) or line
+            where = line_of(entry) or line
             machine, group, port = entry.get("machine"), entry.get("group"), entry.get("port")
             if machine not in machines:
                 known = ", ".join(machines) or "none"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, ClassVar
 
@@ -59,3 +60,31 @@ class NeverHealthy(BaseAgent):
 
     def check_health(self) -> dict[str, bool | Degraded]:
         return {"model_loaded": False}
+
+
+class Rendezvous(BaseAgent):
+    """Answers only when `parties` calls are in handle() at once: proof of parallel steps."""
+
+    barriers: ClassVar[dict[str, threading.Barrier]] = {}
+    lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def handle(self, request: Any) -> Any:
+        name = str(request["barrier"])
+        with Rendezvous.lock:
+            barrier = Rendezvous.barriers.setdefault(
+                name, threading.Barrier(int(request.get("parties", 2))))
+        barrier.wait(timeout=float(request.get("within", 5)))
+        return {"met": name, "step": request.get("step")}
+
+
+class Flaky(BaseAgent):
+    """Fails the first `fail` calls for each `key`, then answers."""
+
+    calls: ClassVar[dict[str, int]] = {}
+
+    def handle(self, request: Any) -> Any:
+        key = str(request["key"])
+        Flaky.calls[key] = Flaky.calls.get(key, 0) + 1
+        if Flaky.calls[key] <= int(request["fail"]):
+            raise RuntimeError(f"call {Flaky.calls[key]} of {key} fails")
+        return {"key": key, "calls": Flaky.calls[key]}

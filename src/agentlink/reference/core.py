@@ -5,11 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from agentlink.agent import BaseAgent, Degraded
+from agentlink.workflow.engine import WorkflowEngine
+from agentlink.workflow.metrics import engine_metrics
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 MAX_OBSERVATIONS = 1000
+RESOURCES = "ResourceManager"  # reports which machines are under pressure
 
 
 class SystemDigitalTwin(BaseAgent):
@@ -38,15 +45,75 @@ class SystemDigitalTwin(BaseAgent):
 
 
 class RequestCoordinator(BaseAgent):
-    """The system's front door: routes a request to any agent by name."""
+    """The system's front door: routes a request to any agent by name, and runs workflows
+    with its other replicas (agentlink.workflow).
+
+    Requests: {"agent", "payload"} routes; {"op": "workflow.run", "workflow": {...},
+    "input": {...}} starts a workflow and answers its id once it is recorded;
+    {"op": "workflow.status", "id"} answers its record, from any replica."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine = self._engine()
+
+    def _engine(self) -> WorkflowEngine | None:
+        """An engine when the host gives a registry (not in call_handle tests). Each replica
+        takes its share of every agent's limit: concurrency x replicas / coordinators."""
+        if self.context.registry is None:
+            return None
+        agents = {a["name"]: a for a in self.context.system.get("agents", [])}
+        coordinators = max(1, int(agents.get(self.name, {}).get("replicas", 1)))
+        limits = {name: max(1, int(a.get("concurrency", 8)) * int(a.get("replicas", 1))
+                            // coordinators) for name, a in agents.items()}
+        machines: dict[str, set[str]] = {}
+        for inst in self.context.system.get("instances", []):
+            machines.setdefault(inst["agent"], set()).add(inst["machine"])
+        return WorkflowEngine(
+            self.context.registry.client, self.call, self.instance,
+            agents=set(agents) or None, limits=limits, agent_machines=machines,
+            pressure=self._machines_under_pressure if RESOURCES in agents else None)
+
+    def _machines_under_pressure(self) -> set[str]:
+        report = self.call(RESOURCES, {}, timeout=1.0)
+        return {name for name, figures in report["machines"].items()
+                if figures.get("under_pressure")}
+
+    def start(self) -> None:
+        if self.engine is not None:
+            self.engine.start()
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
 
     def handle(self, request: dict[str, Any]) -> Any:
+        op = request.get("op", "route")
+        if op == "route":
+            return self._route(request)
+        if op not in ("workflow.run", "workflow.status"):
+            raise ValueError(f"unknown op {op!r} (route, workflow.run, workflow.status)")
+        if self.engine is None:
+            raise ValueError(f"{self.instance} runs no workflow engine (no registry)")
+        if op == "workflow.run":
+            return self.engine.submit(request.get("workflow"), request.get("input"))
+        return self.engine.status(str(request.get("id")))
+
+    def _route(self, request: dict[str, Any]) -> Any:
         target = request.get("agent")
         if not isinstance(target, str):
             raise ValueError("route needs 'agent': the name of the agent to call")
         result = self.call(target, request.get("payload", {}), key=request.get("key"),
                            timeout=request.get("timeout"))
         return {"agent": target, "result": result}
+
+    def check_health(self) -> dict[str, bool | Degraded]:
+        if self.engine is None or self.engine.running:
+            return {}
+        return {"workflow_engine": Degraded("workflow engine not running")}
+
+    def collect_metrics(self) -> Iterable[Metric]:
+        if self.engine is not None:
+            yield from engine_metrics(self.engine)
 
 
 class UnifiedSystemAgent(BaseAgent):

@@ -1,0 +1,412 @@
+"""The workflow engine: runs workflows on one RequestCoordinator replica, state in Redis.
+
+Every workflow is one JSON record in Redis, written with an acknowledged write (see
+agentlink.durable) when it is created, when each step ends and when it ends, so what a
+caller was told is never lost. Each replica owns the workflows it runs: their ids are in its
+set `owned:<replica>`, and its key `alive:<replica>` lives while its keeper renews it. When
+a replica dies or is cut off, its key expires; another replica moves the dead one's set into
+its own in one atomic step and resumes each workflow from its record: completed steps keep
+their results, the others run again. A step with an idempotency key is answered by the agent
+host from its first run if that run completed (agentlink.idempotency), so it never runs
+twice. Writes are guarded: a replica writes a record only while the workflow is in its set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+import redis
+
+from agentlink import protocol
+from agentlink.agent import Caller
+from agentlink.durable import DURABLE_ERRORS, Durable
+from agentlink.workflow.definition import Workflow, parse
+from agentlink.workflow.scheduler import Scheduler, Task
+
+log = logging.getLogger("agentlink.workflow")
+PREFIX = "agentlink:workflow"
+OWNERS = f"{PREFIX}s:owners"
+RUNNING, SUCCEEDED, FAILED, PENDING = "running", "succeeded", "failed", "pending"
+BACKOFF_S, BACKOFF_CAP_S = 0.1, 2.0
+IN_PROGRESS_WAIT_S = 0.2
+
+# Write the record only while this replica owns the workflow; a finished workflow leaves the
+# owner's set and its record expires after the retention time.
+_SAVE = """
+if redis.call('sismember', KEYS[2], ARGV[2]) == 0 then return 0 end
+if ARGV[3] == '1' then
+  redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[4])
+  redis.call('srem', KEYS[2], ARGV[2])
+else
+  redis.call('set', KEYS[1], ARGV[1])
+end
+return 1
+"""
+# Move a dead replica's workflows to the caller, only if it is still dead: returns them.
+_ADOPT = """
+if redis.call('exists', KEYS[1]) == 1 then return {} end
+local ids = redis.call('smembers', KEYS[2])
+if #ids > 0 then
+  redis.call('sunionstore', KEYS[3], KEYS[3], KEYS[2])
+  redis.call('del', KEYS[2])
+end
+return ids
+"""
+
+
+def record_key(workflow_id: str) -> str:
+    return f"{PREFIX}:{workflow_id}"
+
+
+def owned_key(owner: str) -> str:
+    return f"{PREFIX}s:owned:{owner}"
+
+
+def alive_key(owner: str) -> str:
+    return f"{PREFIX}s:alive:{owner}"
+
+
+class UnknownWorkflow(ValueError):
+    """No record of this id (never created, or past its retention)."""
+
+
+@dataclass
+class _Run:
+    """A workflow this replica drives: its definition and its record, kept in step."""
+
+    workflow: Workflow
+    record: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    started: set[str] = field(default_factory=set)
+
+    @property
+    def id(self) -> str:
+        return str(self.record["id"])
+
+    def succeeded(self) -> set[str]:
+        return {sid for sid, s in self.record["steps"].items() if s["state"] == SUCCEEDED}
+
+    def template_context(self) -> dict[str, Any]:
+        return {"input": self.record["input"],
+                "workflow": {"id": self.id, "name": self.record["name"]},
+                "steps": {sid: {"result": s.get("result")}
+                          for sid, s in self.record["steps"].items() if s["state"] == SUCCEEDED}}
+
+
+class EngineStats:
+    """What collect_metrics exports; counters only grow. Steps end on many threads."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> tuple[Counter[str], Counter[str]]:
+        with self._lock:
+            return Counter(self.counts), Counter(self.seconds)
+
+    def count(self, what: str, seconds: float | None = None) -> None:
+        with self._lock:
+            self.counts[what] += 1
+            if seconds is not None:
+                self.seconds[what] += seconds
+
+
+class WorkflowEngine:
+    def __init__(self, client: redis.Redis, call: Caller, owner: str, *,
+                 agents: Collection[str] | None = None,
+                 limits: Mapping[str, int] | None = None, default_limit: int = 8,
+                 agent_machines: Mapping[str, Collection[str]] | None = None,
+                 pressure: Callable[[], Collection[str]] | None = None,
+                 lease_s: float = 3.0, retention_s: float = 24 * 3600) -> None:
+        self.client = client
+        self.durable = Durable(client)
+        self.call = call
+        self.owner = owner
+        self.agents = agents
+        self.limits = dict(limits or {})
+        self.default_limit = default_limit
+        self.agent_machines = {a: set(m) for a, m in (agent_machines or {}).items()}
+        self.pressure = pressure
+        self.lease_s = lease_s
+        self.retention_ms = int(retention_s * 1000)
+        self.stats = EngineStats()
+        self.machines_under_pressure: set[str] = set()
+        self.scheduler = Scheduler(self._run_step, self._limit)
+        self._save = client.register_script(_SAVE)
+        self._adopt = client.register_script(_ADOPT)
+        self._runs: dict[str, _Run] = {}
+        self._runs_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self._alive_until = 0.0
+        self._reconcile_due = False
+
+    # --- the request API --------------------------------------------------------------
+
+    def submit(self, document: Any, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Check, record (acknowledged) and start a workflow; returns its id at once."""
+        began = time.perf_counter()
+        workflow = parse(document, self.agents, source="workflow")
+        if not self.running:
+            raise RuntimeError(f"{self.owner}: the workflow engine is not running")
+        wid = uuid.uuid4().hex
+        record = {"id": wid, "name": workflow.name, "document": workflow.document,
+                  "input": {**workflow.input, **(inputs or {})}, "state": RUNNING,
+                  "created": time.time(), "owner": self.owner,
+                  "steps": {sid: {"state": PENDING, "attempts": 0} for sid in workflow.steps}}
+        self.durable.write(lambda pipe: (
+            pipe.set(record_key(wid), json.dumps(record)), pipe.sadd(owned_key(self.owner), wid)))
+        self._start(_Run(workflow, record))
+        seconds = time.perf_counter() - began
+        self.stats.count("started", seconds)
+        return {"id": wid, "state": RUNNING, "owner": self.owner,
+                "init_ms": round(seconds * 1000, 3)}
+
+    def status(self, workflow_id: str) -> dict[str, Any]:
+        """A workflow's record as stored, without its definition; any replica answers."""
+        text = self.durable.retrying(lambda: self.client.get(record_key(workflow_id)))
+        if text is None:
+            raise UnknownWorkflow(f"no workflow {workflow_id!r} (unknown, or past retention)")
+        record = json.loads(text)
+        record.pop("document", None)
+        return record
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._keeper is not None and not self._stop.is_set()
+
+    def start(self) -> None:
+        """Keep this replica alive in Redis, resume its own workflows and adopt the dead's."""
+        self._keeper = threading.Thread(target=self._keep, name="workflow-keeper", daemon=True)
+        self._keeper.start()
+
+    def stop(self, wait: float = 5.0) -> None:
+        """Finish running steps (up to `wait`), then hand the rest to the other replicas
+        at once: dropping the alive key lets them adopt at their next look."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self.scheduler.stop(wait)
+        if self._keeper is not None:
+            self._keeper.join(2.0)
+        with self._runs_lock:
+            self._runs.clear()
+        with contextlib.suppress(DURABLE_ERRORS):  # if not, it expires on its own
+            self.client.delete(alive_key(self.owner))
+
+    def owned(self) -> int:
+        with self._runs_lock:
+            return len(self._runs)
+
+    # --- keeping alive, adopting, pressure ------------------------------------------------
+
+    def _keep(self) -> None:
+        beat = self.lease_s / 3
+        first = True
+        while not self._stop.is_set():
+            try:
+                self._beat(first)
+                first = False
+                self._adopt_dead()
+            except DURABLE_ERRORS as err:
+                log.warning("workflow keeper: Redis unreachable: %s", err)
+                if time.monotonic() > self._alive_until:
+                    self._forget_all("lost touch with Redis for longer than the lease")
+            self._poll_pressure()
+            self._stop.wait(beat)
+
+    def _beat(self, first: bool) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(alive_key(self.owner), "1", px=int(self.lease_s * 1000), get=True)
+        pipe.sadd(OWNERS, self.owner)
+        was_alive = pipe.execute()[0] is not None
+        self._alive_until = time.monotonic() + self.lease_s
+        if first or not was_alive or self._reconcile_due:
+            self._reconcile_due = False
+            # Own workflows from before a restart, or checked after the key had lapsed:
+            # another replica may have adopted some of them meanwhile.
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        ids = {m.decode() for m in self.client.smembers(owned_key(self.owner))}
+        with self._runs_lock:
+            gone = [wid for wid in self._runs if wid not in ids]
+            new = [wid for wid in ids if wid not in self._runs]
+        for wid in gone:
+            self._forget(wid, "adopted by another replica")
+        self._resume(new)
+
+    def _adopt_dead(self) -> None:
+        owners = sorted(m.decode() for m in self.client.smembers(OWNERS))
+        for other in owners:
+            if other == self.owner:
+                continue
+            ids = self._adopt(keys=[alive_key(other), owned_key(other), owned_key(self.owner)])
+            if ids:
+                log.info("adopting %d workflow(s) of %s", len(ids), other)
+                self._resume([i.decode() for i in ids])
+
+    def _resume(self, ids: list[str]) -> None:
+        for wid in ids:
+            text = self.durable.retrying(lambda w=wid: self.client.get(record_key(w)))
+            if text is None:
+                continue
+            record = json.loads(text)
+            if record["state"] != RUNNING:
+                self.client.srem(owned_key(self.owner), wid)
+                continue
+            for step in record["steps"].values():
+                if step["state"] != SUCCEEDED:
+                    step["state"] = PENDING
+            record["owner"] = self.owner
+            self.stats.count("resumed")
+            self._start(_Run(parse(json.loads(record["document"]), None), record))
+
+    def _poll_pressure(self) -> None:
+        if self.pressure is None:
+            return
+        try:
+            machines = set(self.pressure())
+        except Exception as err:  # monitoring away: run at full limits rather than stall
+            log.debug("no pressure report: %s", err)
+            machines = set()
+        self.machines_under_pressure = machines
+        self.scheduler.throttle([a for a, where in self.agent_machines.items()
+                                 if where and where <= machines])
+
+    def _limit(self, agent: str) -> int:
+        return self.limits.get(agent, self.default_limit)
+
+    def _forget_all(self, why: str) -> None:
+        with self._runs_lock:
+            ids = list(self._runs)
+        for wid in ids:
+            self._forget(wid, why)
+
+    def _forget(self, wid: str, why: str) -> None:
+        with self._runs_lock:
+            dropped = self._runs.pop(wid, None)
+        if dropped is not None:
+            self.scheduler.drop(wid)
+            log.info("workflow %s: no longer run here (%s)", wid, why)
+
+    # --- running steps ------------------------------------------------------------------
+
+    def _start(self, run: _Run) -> None:
+        run.started.update(run.succeeded())
+        with self._runs_lock:
+            self._runs[run.id] = run
+        self._dispatch(run)
+
+    def _dispatch(self, run: _Run) -> None:
+        with run.lock:
+            ready = run.workflow.ready(run.succeeded(), run.started)
+            run.started.update(s.id for s in ready)
+            for step in ready:
+                run.record["steps"][step.id]["state"] = RUNNING
+        for step in ready:
+            self.scheduler.submit(Task(run.id, step.id, step.agent))
+
+    def _run_step(self, task: Task) -> None:
+        with self._runs_lock:
+            run = self._runs.get(task.workflow)
+        if run is None:
+            return  # given up or adopted elsewhere meanwhile
+        step = run.workflow.steps[task.step]
+        with run.lock:
+            context = run.template_context()
+            state = run.record["steps"][step.id]
+            state["attempts"] += 1
+            attempt = state["attempts"]
+        try:
+            payload, key = step.render_payload(context), step.render_key(context)
+        except (jinja2.TemplateError, TypeError, ValueError) as err:
+            self._end_step(run, step.id, error=f"payload: {type(err).__name__}: {err}")
+            return
+        try:
+            result = self.call(step.agent, payload, timeout=step.timeout, idempotency_key=key)
+        except protocol.RemoteError as err:
+            if err.code == protocol.IN_PROGRESS:  # its first run is still going: not a retry
+                with run.lock:
+                    state["attempts"] -= 1
+                self.stats.count("waits_in_progress")
+                self.scheduler.submit(task, IN_PROGRESS_WAIT_S)
+                return
+            self._failed_attempt(run, task, attempt, str(err),
+                                 retry=err.code != protocol.BAD_REQUEST)
+            return
+        except Exception as err:  # NoInstance, a timeout, a transport error: try again
+            self._failed_attempt(run, task, attempt, f"{type(err).__name__}: {err}", retry=True)
+            return
+        self._end_step(run, step.id, result=result)
+
+    def _failed_attempt(self, run: _Run, task: Task, attempt: int, error: str,
+                        retry: bool) -> None:
+        step = run.workflow.steps[task.step]
+        if retry and attempt <= step.retries:
+            self.stats.count("retries")
+            delay = min(BACKOFF_CAP_S, BACKOFF_S * 2 ** (attempt - 1))
+            self.scheduler.submit(task, delay * random.uniform(0.5, 1.0))
+            return
+        self._end_step(run, step.id, error=error)
+
+    def _end_step(self, run: _Run, sid: str, result: Any = None, error: str | None = None
+                  ) -> None:
+        with run.lock:
+            state = run.record["steps"][sid]
+            state.update(state=FAILED if error else SUCCEEDED, finished=time.time())
+            state["error" if error else "result"] = error if error else result
+            self.stats.count(f"steps_{state['state']}")
+            done = self._conclude(run, sid, error)
+            if not self._write(run, done):
+                self._forget(run.id, "record not written")
+                return
+        if done:
+            with self._runs_lock:
+                self._runs.pop(run.id, None)
+            self.stats.count(f"finished_{run.record['state']}",
+                             run.record["finished"] - run.record["created"])
+        else:
+            self._dispatch(run)
+
+    @staticmethod
+    def _conclude(run: _Run, sid: str, error: str | None) -> bool:
+        """Mark the workflow finished when a step failed for good or all succeeded."""
+        record = run.record
+        if error:
+            attempts = record["steps"][sid]["attempts"]
+            record.update(state=FAILED, failed_step=sid,
+                          error=f"step '{sid}' failed after {attempts} attempt(s): {error}")
+        elif len(run.succeeded()) == len(run.workflow.steps):
+            record["state"] = SUCCEEDED
+        else:
+            return False
+        record["finished"] = time.time()
+        return True
+
+    def _write(self, run: _Run, done: bool) -> bool:
+        """The record, acknowledged; False when another replica owns the workflow now."""
+        args = [json.dumps(run.record), run.id, "1" if done else "0", self.retention_ms]
+        keys = [record_key(run.id), owned_key(self.owner)]
+        try:
+            written = self.durable.write(lambda pipe: self._save(keys=keys, args=args,
+                                                                 client=pipe))
+        except DURABLE_ERRORS as err:
+            log.warning("workflow %s: record not written: %s", run.id, err)
+            self._reconcile_due = True  # still ours in Redis: resume it from its record
+            return False
+        return bool(written[0])

@@ -1,0 +1,218 @@
+"""The workflow engine in RequestCoordinator, on real agent hosts and a real Redis: parallel
+and sequential steps, retries, a step that always fails, idempotent steps, and a coordinator
+replica killed mid-workflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from agentlink import protocol
+from agentlink.client import FailoverClient
+from agentlink.host import AgentHost
+from agentlink.pool import get_pool
+from agentlink.registry import Registry, redis_client
+from agentlink.testing import AgentSpec, free_ports, run_group
+from tests.unit.agents import Flaky, Slow
+from tests.unit.conftest import ROOT, eventually
+
+CORE = "agentlink.reference.core"
+TEST = "tests.unit.agents"
+WORKERS = [AgentSpec("Rendezvous", f"{TEST}:Rendezvous"), AgentSpec("Flaky", f"{TEST}:Flaky"),
+           AgentSpec("Failing", f"{TEST}:Failing"), AgentSpec("Slow", f"{TEST}:Slow"),
+           AgentSpec("Echo", f"{TEST}:Echo"),
+           AgentSpec("MemoryOrchestratorService", f"{CORE}:MemoryOrchestratorService")]
+
+
+@pytest.fixture
+def system(redis_url: str) -> Iterator[FailoverClient]:
+    """Test agents and one coordinator replica, each group a host in this process."""
+    Flaky.calls.clear()
+    Slow.finished.clear()
+    with run_group(WORKERS, redis_url, group="workers"), \
+            run_group([AgentSpec("RequestCoordinator", f"{CORE}:RequestCoordinator")],
+                      redis_url, group="coordinator-1"):
+        yield FailoverClient(Registry(redis_client({"url": redis_url})))
+
+
+def run(client: FailoverClient, steps: list[dict[str, Any]], **inputs: Any) -> dict[str, Any]:
+    """Start a workflow through the coordinator and wait for its end."""
+    started = client.call("RequestCoordinator", {
+        "op": "workflow.run", "workflow": {"name": "test", "steps": steps}, "input": inputs})
+    return wait_end(client, started["id"])
+
+
+def wait_end(client: FailoverClient, workflow_id: str, timeout: float = 20) -> dict[str, Any]:
+    def status() -> dict[str, Any]:
+        return client.call("RequestCoordinator", {"op": "workflow.status", "id": workflow_id})
+
+    eventually(lambda: status()["state"] != "running", timeout, f"end of {workflow_id}")
+    return status()
+
+
+def test_independent_steps_run_in_parallel_and_a_join_gets_their_results(
+        system: FailoverClient) -> None:
+    meet = {"agent": "Rendezvous", "payload": {"barrier": "{{ workflow.id }}", "parties": 2}}
+    record = run(system, [
+        {"id": "left", **meet}, {"id": "right", **meet},
+        {"id": "join", "agent": "Echo", "depends_on": ["left", "right"],
+         "payload": {"both": ["{{ steps.left.result.met }}", "{{ steps.right.result.met }}"]}},
+    ])
+    assert record["state"] == "succeeded", record
+    # Each Rendezvous call waits for the other: neither could end unless both ran at once.
+    joined = record["steps"]["join"]["result"]["echo"]["both"]
+    assert joined == [record["id"], record["id"]]
+
+
+def test_sequential_steps_run_in_order_with_earlier_results(system: FailoverClient) -> None:
+    append = {"agent": "MemoryOrchestratorService",
+              "payload": {"op": "append", "key": "{{ workflow.id }}"}}
+    record = run(system, [
+        {"id": "first", **append} | {"payload": {**append["payload"], "value": "first"}},
+        {"id": "second", "depends_on": ["first"], **append}
+        | {"payload": {**append["payload"], "value": "after {{ steps.first.result.length }}"}},
+        {"id": "third", "depends_on": ["second"], **append}
+        | {"payload": {**append["payload"], "value": "after {{ steps.second.result.length }}"}},
+        {"id": "read", "depends_on": ["third"], "agent": "MemoryOrchestratorService",
+         "payload": {"op": "get", "key": "{{ workflow.id }}"}},
+    ])
+    assert record["state"] == "succeeded", record
+    assert record["steps"]["read"]["result"]["value"] == ["first", "after 1", "after 2"]
+
+
+def test_a_failing_step_is_retried_until_it_succeeds(system: FailoverClient) -> None:
+    record = run(system, [{"id": "shaky", "agent": "Flaky", "retries": 3,
+                           "payload": {"key": "{{ workflow.id }}", "fail": 2}}])
+    assert record["state"] == "succeeded", record
+    assert record["steps"]["shaky"]["attempts"] == 3
+    assert record["steps"]["shaky"]["result"]["calls"] == 3
+
+
+def test_a_step_that_always_fails_fails_the_workflow_naming_it(system: FailoverClient) -> None:
+    record = run(system, [
+        {"id": "fine", "agent": "Echo", "payload": {}},
+        {"id": "doomed", "agent": "Failing", "depends_on": ["fine"], "retries": 2},
+        {"id": "never", "agent": "Echo", "depends_on": ["doomed"]},
+    ])
+    assert record["state"] == "failed"
+    assert record["failed_step"] == "doomed"
+    assert record["error"].startswith("step 'doomed' failed after 3 attempt(s)")
+    assert "boom" in record["error"]
+    assert record["steps"]["fine"]["state"] == "succeeded"
+    assert record["steps"]["never"]["state"] == "pending"
+
+
+def test_a_bad_definition_is_refused_with_every_problem(system: FailoverClient) -> None:
+    with pytest.raises(protocol.RemoteError) as refused:
+        system.call("RequestCoordinator", {"op": "workflow.run", "workflow": {"steps": [
+            {"id": "a", "agent": "Echo", "depends_on": ["b"]},
+            {"id": "b", "agent": "Echo", "depends_on": ["a"]},
+            {"id": "c", "agent": "Echo", "depends_on": ["nope"]}]}})
+    assert refused.value.code == protocol.BAD_REQUEST
+    assert "dependency cycle: a -> b -> a" in refused.value.message
+    assert "step 'c' depends on unknown step 'nope'" in refused.value.message
+
+
+def test_status_of_an_unknown_workflow_is_a_bad_request(system: FailoverClient) -> None:
+    with pytest.raises(protocol.RemoteError, match="no workflow 'nope'"):
+        system.call("RequestCoordinator", {"op": "workflow.status", "id": "nope"})
+
+
+def test_a_request_with_an_idempotency_key_runs_once(system: FailoverClient) -> None:
+    first = system.call("Slow", {"sleep": 0}, idempotency_key="k1")
+    again = system.call("Slow", {"sleep": 0}, idempotency_key="k1")
+    assert again == first
+    assert len(Slow.finished) == 1
+    system.call("Slow", {"sleep": 0}, idempotency_key="k2")
+    assert len(Slow.finished) == 2
+
+
+def test_a_failed_run_releases_its_idempotency_key(system: FailoverClient) -> None:
+    with pytest.raises(protocol.RemoteError):
+        system.call("Flaky", {"key": "x", "fail": 1}, idempotency_key="once")
+    assert system.call("Flaky", {"key": "x", "fail": 1}, idempotency_key="once")["calls"] == 2
+
+
+# --- a coordinator replica killed mid-workflow ---------------------------------------------
+
+REPLICA = """
+import sys, time
+from agentlink.host import AgentHost
+from agentlink.testing import AgentSpec, host_config
+config = host_config("coordinator-1", [AgentSpec("RequestCoordinator",
+                     "agentlink.reference.core:RequestCoordinator")], sys.argv[1],
+                     ports=(int(sys.argv[2]), int(sys.argv[3])))
+AgentHost(config).start()
+print("serving", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.fixture
+def doomed_replica(redis_url: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Coordinator replica 1 in a process of its own, to be killed; replica 2 is ours."""
+    port, http_port = free_ports(2)
+    proc = subprocess.Popen([sys.executable, "-c", REPLICA, redis_url, str(port),
+                             str(http_port)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "serving"
+        yield proc, f"tcp://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_workflow_survives_its_coordinator_killed_with_no_step_run_twice(
+        redis_url: str, doomed_replica: tuple[subprocess.Popen[str], str]) -> None:
+    proc, endpoint = doomed_replica
+    Slow.finished.clear()
+    def append(step: str) -> dict[str, Any]:
+        return {"agent": "MemoryOrchestratorService", "idempotency_key": f"{{{{ workflow.id }}}}-{step}",
+                "payload": {"op": "append", "key": "{{ workflow.id }}", "value": step}}
+
+    steps = [
+        {"id": "before", **append("before")},
+        {"id": "slow", "agent": "Slow", "depends_on": ["before"], "payload": {"sleep": 1.5},
+         "idempotency_key": "{{ workflow.id }}-slow", "timeout": 10},
+        {"id": "after", "depends_on": ["slow"], **append("after")},
+    ]
+    state = redis.Redis.from_url(redis_url)
+    with run_group(WORKERS, redis_url, group="workers"):
+        # Sent to replica 1 itself, so that it is the one running the workflow.
+        reply = get_pool().request(endpoint, protocol.encode_request("RequestCoordinator", {
+            "op": "workflow.run", "workflow": {"steps": steps}}), timeout=5)
+        workflow_id = protocol.decode_reply(reply)["id"]
+        record = f"agentlink:workflow:{workflow_id}"
+
+        def slow_step_running() -> bool:
+            steps_now = json.loads(state.get(record) or "{}").get("steps", {})
+            return steps_now.get("before", {}).get("state") == "succeeded" and \
+                state.exists(f"agentlink:idempotency:Slow:{workflow_id}-slow") == 1
+
+        eventually(slow_step_running, what="the slow step under way on replica 1")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with run_group([AgentSpec("RequestCoordinator", f"{CORE}:RequestCoordinator",
+                                  index=2)], redis_url, group="coordinator-2") as survivor:
+            client = FailoverClient(Registry(redis_client({"url": redis_url})))
+            final = wait_end(client, workflow_id)
+            resumed = engine_of(survivor).stats.snapshot()[0]["resumed"]
+    assert final["state"] == "succeeded", final
+    assert final["owner"] == "RequestCoordinator-2"
+    assert resumed == 1
+    assert len(Slow.finished) == 1  # the slow step ran once, across the takeover
+    stored = json.loads(state.hget("agentlink:state:MemoryOrchestratorService", workflow_id))
+    assert stored == ["before", "after"]
+
+
+def engine_of(host: AgentHost) -> Any:
+    return host.slots["RequestCoordinator"].agent.engine
