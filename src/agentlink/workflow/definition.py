@@ -222,7 +222,11 @@ class _Checker:
                 self.add(f"duplicate step id '{step.id}'", raw)
                 continue
             steps[step.id] = step
-        self.graph(steps, {r.get("id"): r for r in raw_steps if isinstance(r, dict)})
+        raws: dict[Any, Any] = {}
+        for raw in raw_steps:  # a duplicate id keeps its first step's line
+            if isinstance(raw, dict):
+                raws.setdefault(raw.get("id"), raw)
+        self.graph(steps, raws)
         return Workflow(str(name), steps, dict(inputs), document)
 
     def step(self, raw: Any) -> Step | None:
