@@ -156,9 +156,30 @@ def overview(topology: Topology) -> Json:
         f"sum(rate(agentlink_request_errors_total[{RATE}])) or vector(0)", "errors/s")],
         "reqps", ((None, "green"), (0.01, "red"))), 4, 4)
     grid.add(_panel("stat", "Scrape targets up", [Query("sum by (job) (up)", "{{job}}")]), 8, 4)
+    _workflow_row(grid)
     for machine in topology.machines:
         _machine_row(grid, topology, machine)
     return _dashboard("agentlink-overview", "AgentLink: overview", grid)
+
+
+def _workflow_row(grid: _Grid) -> None:
+    """The workflow engine of every RequestCoordinator replica, summed."""
+    grid.row("Workflows")
+    started = f"sum(rate(agentlink_workflow_init_seconds_count[{RATE}]))"
+    grid.add(_panel("stat", "Workflows started", [Query(f"{started} or vector(0)",
+                                                        "workflows/s")]), 4, 6)
+    grid.add(_panel("timeseries", "Workflows ended, by outcome", [Query(
+        _rate("agentlink_workflows_finished_total", "outcome"), "{{outcome}}")], "reqps"), 6, 6)
+    grid.add(_panel("stat", "Mean time to initialize", [Query(
+        f"sum(rate(agentlink_workflow_init_seconds_sum[{RATE}])) / {started}", "init")], "s",
+        ((None, "green"), (0.01, "orange"), (1, "red"))), 4, 6)
+    grid.add(_panel("timeseries", "Steps queued and running", [
+        Query("sum(agentlink_workflow_steps_queued)", "queued"),
+        Query("sum(agentlink_workflow_steps_running)", "running")]), 6, 6)
+    grid.add(_panel("stat", "Takeovers, retries, throttled agents", [
+        Query(f"sum(increase(agentlink_workflows_resumed_total[{RATE}]))", "taken over"),
+        Query(f"sum(rate(agentlink_workflow_step_retries_total[{RATE}]))", "retries/s"),
+        Query("sum(agentlink_workflow_agents_throttled)", "throttled")]), 4, 6)
 
 
 def _machine_row(grid: _Grid, topology: Topology, machine: str) -> None:

@@ -49,6 +49,7 @@ def test_panels_follow_the_topology() -> None:
     replicated = [a for a in REFERENCE.agents.values() if a.replicas > 1]
     assert {f"{a.name} (of {a.replicas})" for a in replicated} <= set(titles(BUILT["agentlink-ha"]))
     assert set(REFERENCE.groups) <= set(titles(BUILT["agentlink-resources"]))
+    assert "Workflows" in titles(BUILT["agentlink-overview"])
     machine_rows = {t for t in titles(BUILT["agentlink-overview"]) if t.startswith("Machine ")}
     assert machine_rows == {f"Machine {m}" for m in REFERENCE.machines}
 
