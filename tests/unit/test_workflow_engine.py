@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -175,8 +177,10 @@ def test_a_workflow_survives_its_coordinator_killed_with_no_step_run_twice(
         redis_url: str, doomed_replica: tuple[subprocess.Popen[str], str]) -> None:
     proc, endpoint = doomed_replica
     Slow.finished.clear()
+
     def append(step: str) -> dict[str, Any]:
-        return {"agent": "MemoryOrchestratorService", "idempotency_key": f"{{{{ workflow.id }}}}-{step}",
+        return {"agent": "MemoryOrchestratorService",
+                "idempotency_key": "{{ workflow.id }}-" + step,
                 "payload": {"op": "append", "key": "{{ workflow.id }}", "value": step}}
 
     steps = [
@@ -216,3 +220,49 @@ def test_a_workflow_survives_its_coordinator_killed_with_no_step_run_twice(
 
 def engine_of(host: AgentHost) -> Any:
     return host.slots["RequestCoordinator"].agent.engine
+
+
+# --- the command line ----------------------------------------------------------------------
+
+TEST_TOPOLOGY = """
+machines: {local: {}}
+agents:
+  - {name: Echo, class: "tests.unit.agents:Echo", machine: local, group: g, port: 20000}
+  - {name: Failing, class: "tests.unit.agents:Failing", machine: local, group: g, port: 20000}
+"""
+
+
+def agentlink(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agentlink", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_workflow_run_wait_follows_it_and_exits_by_its_outcome(
+        system: FailoverClient, redis_url: str, tmp_path: Path) -> None:
+    (tmp_path / "topology.yml").write_text(TEST_TOPOLOGY)
+    (tmp_path / "ok.yml").write_text(
+        "name: ok\nsteps:\n  - {id: hello, agent: Echo, payload: {x: '{{ input.x }}'}}\n")
+    (tmp_path / "bad.yml").write_text(
+        "name: bad\nsteps:\n  - {id: hello, agent: Echo}\n"
+        "  - {id: boom, agent: Failing, depends_on: [hello]}\n")
+    common = ["--topology", str(tmp_path / "topology.yml"), "--redis-url", redis_url, "--wait"]
+    ok = agentlink("workflow", "run", str(tmp_path / "ok.yml"), "--input", '{"x": 7}', *common)
+    assert ok.returncode == 0, ok.stderr
+    assert re.search(r"workflow ok \w+: succeeded", ok.stdout)
+    assert '{"echo": {"x": 7}' in ok.stdout
+    bad = agentlink("workflow", "run", str(tmp_path / "bad.yml"), *common)
+    assert bad.returncode == 1
+    assert "step 'boom' failed after 1 attempt(s): handler_error: RuntimeError: boom" in bad.stdout
+    workflow_id = re.search(r"started (\w+)", bad.stdout).group(1)  # type: ignore[union-attr]
+    status = agentlink("workflow", "status", workflow_id, "--json", "--redis-url", redis_url)
+    assert status.returncode == 1
+    assert json.loads(status.stdout)["failed_step"] == "boom"
+
+
+def test_workflow_run_refuses_a_file_naming_an_agent_not_in_the_topology(
+        tmp_path: Path) -> None:
+    (tmp_path / "wf.yml").write_text("steps:\n  - {id: a, agent: Nobody}\n")
+    refused = agentlink("workflow", "run", str(tmp_path / "wf.yml"), "--redis-url",
+                        "redis://127.0.0.1:1/0")
+    assert refused.returncode == 2
+    assert "wf.yml:2: step 'a': unknown agent 'Nobody' (not in the topology)" in refused.stderr
