@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEBIAN_PACKAGES := redis-server prometheus prometheus-alertmanager chromium chromium-driver
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/lab
 
-.PHONY: deploy test lint unit molecule down status bench bench-all bench-runtime bench-deploy bench-monitoring bench-ha system docker local-up local-down
+.PHONY: deploy test lint unit molecule down status bench bench-all bench-runtime bench-deploy bench-monitoring bench-ha bench-workflows system docker local-up local-down
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -77,5 +77,10 @@ bench-ha: $(STAMP) docker
 bench: $(STAMP) system docker
 	$(BIN)/python bench/keymetrics.py
 
+# Needs the lab deployed: workflow init time, throughput, and 10,000 workflows under a
+# coordinator kill and a machine cut; writes the workflows section of docs/benchmarks.md.
+bench-workflows: $(STAMP) docker
+	$(BIN)/python bench/workflows.py
+
 # Every figure of docs/benchmarks.md (bench-deploy --cold is run by hand: it removes all images).
-bench-all: bench bench-runtime bench-deploy bench-monitoring bench-ha
+bench-all: bench bench-runtime bench-deploy bench-monitoring bench-ha bench-workflows

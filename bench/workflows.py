@@ -1,0 +1,265 @@
+"""Workflow figures on the deployed lab (`make bench-workflows`, after `make deploy`).
+
+1. Time to initialize a workflow: `workflows/transcript.yml` submitted one after another;
+   the engine's own time (request in, record acknowledged, first steps queued) and the
+   caller's round trip.
+2. Throughput of that 5-step workflow with WINDOW workflows in flight, beside a baseline
+   measured in the same run: the same five calls made by the caller itself, in the same
+   order and with the same parallelism, with no engine and no state kept.
+3. Completion of 10,000 workflows while the pc2 coordinator replica's host is killed (at
+   20% submitted) and pc2 is cut off the LAN for CUT_S seconds (at 50%).
+
+A workflow counts once its submission was acknowledged; it completes when its record says
+succeeded. Prints a table and writes docs/benchmarks-workflows.json and the workflows
+section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import docker
+import yaml
+from ha import lab_sentinels
+from keymetrics import machine
+
+from agentlink.client import FailoverClient
+from agentlink.registry import REDIS_ERRORS, Registry, redis_client
+from agentlink.workflow.engine import record_key
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "workflows" / "transcript.yml"
+DOCS = ROOT / "docs"
+SECTION = re.compile(r"<!-- workflows:begin -->.*<!-- workflows:end -->", re.S)
+COORDINATOR = "RequestCoordinator"
+WINDOW = 32
+CUT_S = 15.0
+ENDED = ("succeeded", "failed")
+
+
+class Tracker:
+    """Submits workflows WINDOW at a time and follows their records in Redis."""
+
+    def __init__(self, client: FailoverClient, document: dict[str, Any]) -> None:
+        self.client = client
+        self.document = document
+        self.redis = redis_client({"sentinels": lab_sentinels(), "service": "agentlink"})
+        self.acknowledged = 0
+        self.refused = 0  # submissions not acknowledged (and sent again)
+        self.outcomes: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def submit(self) -> str:
+        while True:
+            try:
+                reply = self.client.call(COORDINATOR, {"op": "workflow.run",
+                                                       "workflow": self.document})
+            except Exception:  # not acknowledged: nothing to lose, send it again
+                with self._lock:
+                    self.refused += 1
+                time.sleep(0.1)
+                continue
+            with self._lock:
+                self.acknowledged += 1
+            return str(reply["id"])
+
+    def wait(self, workflow_id: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                text = self.redis.get(record_key(workflow_id))
+            except REDIS_ERRORS:
+                text = None
+            state = json.loads(text)["state"] if text else "running"
+            if state in ENDED:
+                return state
+            time.sleep(0.05)
+        return "stuck"
+
+    def one(self, timeout: float) -> None:
+        workflow_id = self.submit()
+        outcome = self.wait(workflow_id, timeout)
+        with self._lock:
+            self.outcomes[workflow_id] = outcome
+
+    def run(self, count: int, timeout: float = 180.0) -> dict[str, Any]:
+        started = time.monotonic()
+        with ThreadPoolExecutor(WINDOW) as pool:
+            for _ in range(count):
+                pool.submit(self.one, timeout)
+        seconds = time.monotonic() - started
+        tally = {k: list(self.outcomes.values()).count(k) for k in (*ENDED, "stuck")}
+        return {"workflows": count, "seconds": round(seconds, 2),
+                "per_second": round(count / seconds, 1), "acknowledged": self.acknowledged,
+                "refused_and_resent": self.refused, **tally,
+                "completion_percent": round(100 * tally["succeeded"] / max(count, 1), 3)}
+
+
+def init_times(client: FailoverClient, document: dict[str, Any], count: int
+               ) -> dict[str, float]:
+    engine_ms, round_trip_ms = [], []
+    for _ in range(count):
+        began = time.perf_counter()
+        reply = client.call(COORDINATOR, {"op": "workflow.run", "workflow": document})
+        round_trip_ms.append((time.perf_counter() - began) * 1000)
+        engine_ms.append(float(reply["init_ms"]))
+    return {"engine_p50_ms": percentile(engine_ms, 50),
+            "engine_p99_ms": percentile(engine_ms, 99),
+            "round_trip_p50_ms": percentile(round_trip_ms, 50),
+            "round_trip_p99_ms": percentile(round_trip_ms, 99)}
+
+
+def percentile(samples: list[float], pct: int) -> float:
+    return round(statistics.quantiles(samples, n=100)[pct - 1], 2)
+
+
+def by_hand(client: FailoverClient, document: dict[str, Any], count: int) -> dict[str, Any]:
+    """The baseline: the caller makes the five calls itself (words and intent at once)."""
+    text = document["input"]["text"]
+
+    def one() -> None:
+        with ThreadPoolExecutor(2) as pair:
+            words = pair.submit(client.call, "Executor", {"text": text})
+            intent = pair.submit(client.call, "NLUAgent", {"text": text})
+            plan = client.call("ChainOfThoughtAgent", {
+                "text": f"{intent.result()['result']} {words.result()['result'][0][0]}"})
+        client.call("SystemDigitalTwin", {"op": "observe", "source": "by-hand",
+                                          "value": plan["result"]})
+        client.call("MemoryOrchestratorService", {"op": "put", "key": "by-hand",
+                                                  "value": plan["result"]})
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(WINDOW) as pool:
+        for future in [pool.submit(one) for _ in range(count)]:
+            future.result()
+    seconds = time.monotonic() - started
+    return {"workflows": count, "seconds": round(seconds, 2),
+            "per_second": round(count / seconds, 1)}
+
+
+class Faults:
+    """Kill the pc2 coordinator's host, later cut pc2 off: each once, when due."""
+
+    def __init__(self, tracker: Tracker, count: int) -> None:
+        self.tracker = tracker
+        self.engine = docker.from_env()
+        self.plan = [(count // 5, self.kill_coordinator), (count // 2, self.cut_pc2)]
+        self.log: list[str] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Faults:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        for due, fault in self.plan:
+            while self.tracker.acknowledged < due:
+                time.sleep(0.05)
+            fault()
+
+    def kill_coordinator(self) -> None:
+        pid = self.engine.containers.get("agentlink-pc2-core").attrs["State"]["Pid"]
+        os.kill(pid, signal.SIGKILL)  # a crash: Docker's restart policy brings it back
+        self._say("killed pc2-core (RequestCoordinator-2 and its group)")
+
+    def cut_pc2(self) -> None:
+        lan = self.engine.networks.get("agentlink-lan")
+        anchor = self.engine.containers.get("agentlink-pc2")
+        address = anchor.attrs["NetworkSettings"]["Networks"]["agentlink-lan"]["IPAddress"]
+        lan.disconnect(anchor)
+        self._say(f"cut pc2 off the LAN for {CUT_S:g}s")
+        time.sleep(CUT_S)
+        lan.connect(anchor, ipv4_address=address, aliases=["pc2"])
+        self._say("pc2 back on the LAN")
+
+    def _say(self, what: str) -> None:
+        line = f"{what} at {self.tracker.acknowledged} acknowledged"
+        self.log.append(line)
+        print(f"  {line}", flush=True)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    init, engine, hand, faults = (result[k] for k in ("init", "throughput", "baseline",
+                                                        "under_faults"))
+    return "\n".join([
+        f"Measured {result['date']} on the lab ({result['machine']['cores']} cores), "
+        "`make bench-workflows`"
+        f" after `make deploy`; the 5-step `workflows/transcript.yml`, {WINDOW} in flight.",
+        "",
+        "| figure | plan's target | our goal | measured |",
+        "|---|---|---|---:|",
+        f"| time to initialize (engine), p50 / p99 | < 1 s | ≤ 10 ms | "
+        f"{init['engine_p50_ms']} / {init['engine_p99_ms']} ms |",
+        f"| time to initialize (caller's round trip), p50 / p99 | | | "
+        f"{init['round_trip_p50_ms']} / {init['round_trip_p99_ms']} ms |",
+        f"| throughput, 5-step workflows | | | {engine['per_second']}/s "
+        f"({engine['workflows']} in {engine['seconds']} s) |",
+        f"| baseline: the caller makes the same calls itself | | | {hand['per_second']}/s "
+        f"(engine at {result['engine_vs_baseline']}x of it) |",
+        f"| completion of {faults['workflows']:,} workflows, coordinator killed and pc2 cut "
+        f"off | 99.9% | 100% | {faults['completion_percent']}% |",
+        "",
+        f"Under faults: {faults['succeeded']} succeeded, {faults['failed']} failed, "
+        f"{faults['stuck']} stuck, in {faults['seconds']} s; {faults['refused_and_resent']} "
+        "submissions were refused while the faults lasted and sent again (never acknowledged, "
+        "so nothing to lose). Faults: " + "; ".join(result["fault_log"]) + ".",
+    ])
+
+
+def write_docs(result: dict[str, Any]) -> None:
+    (DOCS / "benchmarks-workflows.json").write_text(json.dumps(result, indent=2) + "\n")
+    doc = DOCS / "benchmarks.md"
+    section = f"<!-- workflows:begin -->\n{markdown(result)}\n<!-- workflows:end -->"
+    text = doc.read_text()
+    text = SECTION.sub(lambda _: section, text) if SECTION.search(text) else \
+        f"{text.rstrip()}\n\n## Workflows\n\n{section}\n"
+    doc.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=10_000, help="workflows under faults")
+    parser.add_argument("--throughput-count", type=int, default=1000)
+    parser.add_argument("--no-docs", action="store_true", help="print only")
+    args = parser.parse_args()
+    document = yaml.safe_load(EXAMPLE.read_text())
+    client = FailoverClient(Registry(redis_client({"sentinels": lab_sentinels(),
+                                                   "service": "agentlink"})))
+    print("time to initialize: 200 workflows, one after another", flush=True)
+    init = init_times(client, document, 200)
+    print(f"  {init}\nthroughput: {args.throughput_count} workflows", flush=True)
+    throughput = Tracker(client, document).run(args.throughput_count)
+    print(f"  {throughput}\nbaseline: the same calls by hand", flush=True)
+    baseline = by_hand(client, document, args.throughput_count)
+    print(f"  {baseline}\ncompletion: {args.count} workflows under faults", flush=True)
+    tracker = Tracker(client, document)
+    with Faults(tracker, args.count) as faults:
+        under_faults = tracker.run(args.count)
+    print(f"  {under_faults}", flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+              "init": init, "throughput": throughput, "baseline": baseline,
+              "engine_vs_baseline": round(throughput["per_second"] / baseline["per_second"], 2),
+              "under_faults": under_faults, "fault_log": faults.log}
+    print("\n" + markdown(result))
+    if not args.no_docs:
+        write_docs(result)
+        print("\nwritten: docs/benchmarks-workflows.json, docs/benchmarks.md (workflows)")
+    return 0 if under_faults["completion_percent"] == 100 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
