@@ -63,7 +63,7 @@ def header_counts(driver: Chrome) -> dict[str, str]:
         ".map(c => [c.dataset.count, c.textContent]))"))
 
 
-# browser first: where Chromium is missing the test skips before starting 88 agents
+# browser first: where Chromium is missing the test skips before starting 89 instances
 def test_dashboard_shows_every_agent_and_a_stopped_host(browser: Chrome,
                                                         reference_system: Path) -> None:
     victims = {i["agent"] for i in api()["instances"] if i["group"] == VICTIM}

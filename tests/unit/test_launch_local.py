@@ -20,6 +20,7 @@ import yaml
 from agentlink.client import FailoverClient
 from agentlink.registry import Registry, redis_client
 from agentlink.testing import free_ports
+from agentlink.topology import load
 
 from .conftest import ROOT, Traffic, eventually
 
@@ -176,7 +177,8 @@ def test_the_reference_system_comes_up_healthy(tmp_path: Path, home: Path,
     assert up.returncode == 0, up.stderr
     status = agentlink("status", "--json", home=home)
     report = json.loads(status.stdout)
-    assert report["healthy"] and report["total"] == 88 and report["serving"] == 88
+    instances = len(load(reference).instances)
+    assert report["healthy"] and report["total"] == instances == report["serving"]
     client = FailoverClient(Registry(redis_client({"url": redis_url})))
     routed = client.call("RequestCoordinator", {"agent": "RecallAgent", "payload": {
         "text": "one two two", "hops": 3}})

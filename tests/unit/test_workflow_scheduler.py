@@ -6,7 +6,11 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import redis
 
+from agentlink.agent import AgentContext
+from agentlink.reference.core import RequestCoordinator
+from agentlink.workflow.engine import WorkflowEngine
 from agentlink.workflow.scheduler import Scheduler, Task
 from tests.unit.conftest import eventually
 
@@ -101,3 +105,34 @@ def test_dropping_a_workflow_forgets_its_queued_steps(gate: Gate) -> None:
     eventually(lambda: len(gate.started) == 2, what="keep's second step")
     scheduler.stop(5)
     assert {t.workflow for t in gate.started} == {"keep"}
+
+
+def test_the_engine_throttles_agents_whose_every_machine_is_under_pressure(
+        redis_url: str) -> None:
+    pressure: list[object] = [{"pc2"}]
+
+    def report() -> set[str]:
+        if isinstance(pressure[0], Exception):
+            raise pressure[0]
+        return set(pressure[0])  # type: ignore[call-overload]
+
+    engine = WorkflowEngine(redis.Redis.from_url(redis_url), lambda *a, **k: None, "c-1",
+                            agent_machines={"OnPc2": {"pc2"}, "Both": {"pc2", "mainpc"}},
+                            pressure=report)
+    engine._poll_pressure()
+    assert engine.scheduler.throttled == {"OnPc2"}  # Both still has a machine with room
+    pressure[0] = {"pc2", "mainpc"}
+    engine._poll_pressure()
+    assert engine.scheduler.throttled == {"OnPc2", "Both"}
+    pressure[0] = TimeoutError("ResourceManager away")
+    engine._poll_pressure()  # no report: full limits, rather than a stall
+    assert engine.scheduler.throttled == set()
+    engine.scheduler.stop(1)
+
+
+def test_the_coordinator_reads_pressure_from_resource_managers_report() -> None:
+    report = {"machines": {"mainpc": {"under_pressure": False},
+                           "pc2": {"under_pressure": True}}}
+    context = AgentContext(name="RequestCoordinator", instance="RequestCoordinator-1",
+                           call=lambda agent, payload, **_: report)
+    assert RequestCoordinator(context)._machines_under_pressure() == {"pc2"}
