@@ -32,7 +32,7 @@ MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([MG])i?B?$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a topology file, located where possible."""
+    """One thing wrong with a topology or workflow file, located where possible."""
 
     message: str
     line: int | None = None
@@ -41,11 +41,17 @@ class Problem:
         return f"{path}:{self.line}: {self.message}" if self.line else f"{path}: {self.message}"
 
 
-class TopologyError(Exception):
+class ProblemsError(Exception):
+    """Every problem found in one document, one `path:line: message` line each."""
+
     def __init__(self, path: str, problems: list[Problem]) -> None:
         self.path = path
         self.problems = problems
         super().__init__("\n".join(p.format(path) for p in problems))
+
+
+class TopologyError(ProblemsError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,22 @@ def parse_memory(value: Any) -> float | None:
     return number * 1024 if unit == "G" else number
 
 
+def read_document(path: str, error: type[ProblemsError]) -> Any:
+    """A YAML (or JSON) file whose mappings know their line; an unreadable file or a syntax
+    error raises `error` naming the file and the line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise error(path, [Problem(f"cannot read file: {err.strerror}")]) from err
+    try:
+        return yaml.load(text, Loader=LineLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        reason = getattr(err, "problem", None) or str(err)
+        raise error(path, [Problem(f"YAML syntax error: {reason}", line)]) from err
+
+
 # --- validation ---------------------------------------------------------------------------
 
 
@@ -203,17 +225,7 @@ def validate(path: str | Path) -> list[Problem]:
 def load(path: str | Path) -> Topology:
     """Parse and check a topology file; raise TopologyError listing every problem."""
     path = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise TopologyError(path, [Problem(f"cannot read file: {err.strerror}")]) from err
-    try:
-        doc = yaml.load(text, Loader=LineLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        reason = getattr(err, "problem", None) or str(err)
-        raise TopologyError(path, [Problem(f"YAML syntax error: {reason}", line)]) from err
+    doc = read_document(path, TopologyError)
     checker = _Checker()
     topology = checker.validate(path, doc)
     if checker.problems:

@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import yaml
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from agentlink.topology import LineLoader, Problem, find_cycles, line_of
+from agentlink.topology import Problem, ProblemsError, find_cycles, line_of, read_document
 
 TOP_KEYS = {"name", "input", "steps"}
 STEP_KEYS = {"id", "agent", "payload", "depends_on", "timeout", "retries", "idempotency_key"}
@@ -49,13 +48,8 @@ MAX_RETRIES = 10
 _ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
 
 
-class WorkflowError(ValueError):
+class WorkflowError(ProblemsError, ValueError):
     """A definition that cannot run; a ValueError, so a host answers it as a bad request."""
-
-    def __init__(self, source: str, problems: list[Problem]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__("\n".join(p.format(source) for p in problems))
 
 
 @dataclass(frozen=True)
@@ -147,17 +141,7 @@ def referenced_steps(text: str) -> set[str]:
 def load(path: str | Path, agents: Collection[str] | None = None) -> Workflow:
     """A workflow from a YAML or JSON file; `agents`, when given, are the known agents."""
     source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise WorkflowError(source, [Problem(f"cannot read file: {err.strerror}")]) from err
-    try:
-        doc = yaml.load(text, Loader=LineLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        reason = getattr(err, "problem", None) or str(err)
-        raise WorkflowError(source, [Problem(f"YAML syntax error: {reason}",
-                                             mark.line + 1 if mark else None)]) from err
+    doc = read_document(source, WorkflowError)
     return parse(doc, agents, source)
 
 
