@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from agentlink.agent import BaseAgent, Degraded
+from agentlink.topology import DEFAULT_CONCURRENCY
 from agentlink.workflow.engine import WorkflowEngine
 from agentlink.workflow.metrics import engine_metrics
 
@@ -63,8 +64,10 @@ class RequestCoordinator(BaseAgent):
             return None
         agents = {a["name"]: a for a in self.context.system.get("agents", [])}
         coordinators = max(1, int(agents.get(self.name, {}).get("replicas", 1)))
-        limits = {name: max(1, int(a.get("concurrency", 8)) * int(a.get("replicas", 1))
-                            // coordinators) for name, a in agents.items()}
+        limits = {}
+        for name, agent in agents.items():
+            total = int(agent.get("concurrency", DEFAULT_CONCURRENCY)) * int(agent["replicas"])
+            limits[name] = max(1, total // coordinators)
         machines: dict[str, set[str]] = {}
         for inst in self.context.system.get("instances", []):
             machines.setdefault(inst["agent"], set()).add(inst["machine"])

@@ -31,6 +31,7 @@ import redis
 from agentlink import protocol
 from agentlink.agent import Caller
 from agentlink.durable import DURABLE_ERRORS, Durable
+from agentlink.topology import DEFAULT_CONCURRENCY
 from agentlink.workflow.definition import Workflow, parse
 from agentlink.workflow.scheduler import Scheduler, Task
 
@@ -126,7 +127,8 @@ class EngineStats:
 class WorkflowEngine:
     def __init__(self, client: redis.Redis, call: Caller, owner: str, *,
                  agents: Collection[str] | None = None,
-                 limits: Mapping[str, int] | None = None, default_limit: int = 8,
+                 limits: Mapping[str, int] | None = None,
+                 default_limit: int = DEFAULT_CONCURRENCY,
                  agent_machines: Mapping[str, Collection[str]] | None = None,
                  pressure: Callable[[], Collection[str]] | None = None,
                  lease_s: float = 3.0, retention_s: float = 24 * 3600) -> None:
