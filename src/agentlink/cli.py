@@ -12,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from agentlink import topology as topo
 
 if TYPE_CHECKING:
+    from agentlink.client import FailoverClient
     from agentlink.load import LoadSpec
+    from agentlink.workflow.definition import Workflow
 
 DEFAULT_TOPOLOGY = os.environ.get("AGENTLINK_TOPOLOGY", "topology/agents.yml")
 EXIT_INVALID = 2
@@ -189,7 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(r.serving for r in rows) else 1
 
 
-def _coordinator(args: argparse.Namespace, command: str) -> Any:
+def _coordinator(args: argparse.Namespace, command: str) -> FailoverClient | None:
     """A failover client to the RequestCoordinator replicas, or None (said why)."""
     from agentlink.client import FailoverClient
     from agentlink.local import LocalLab
@@ -226,24 +226,30 @@ def _say_workflow(record: dict[str, Any]) -> None:
         _say(record["error"])
 
 
-def cmd_workflow_validate(args: argparse.Namespace) -> int:
+def _checked_workflow(args: argparse.Namespace) -> Workflow | None:
+    """The workflow file checked against the topology, or None with every problem said."""
     from agentlink.workflow.definition import WorkflowError, load
 
     topology = _load(args.topology)
     if topology is None:
-        return EXIT_INVALID
+        return None
     try:
         workflow = load(args.workflow, topology.agents)
     except WorkflowError as err:
         print(err, file=sys.stderr)
         print(f"{len(err.problems)} problem(s) in {args.workflow}", file=sys.stderr)
-        return EXIT_INVALID
+        return None
     _say(f"{args.workflow}: ok ({len(workflow.steps)} steps)")
-    return 0
+    return workflow
+
+
+def cmd_workflow_validate(args: argparse.Namespace) -> int:
+    return EXIT_INVALID if _checked_workflow(args) is None else 0
 
 
 def cmd_workflow_run(args: argparse.Namespace) -> int:
-    if cmd_workflow_validate(args) != 0:
+    workflow = _checked_workflow(args)
+    if workflow is None:
         return EXIT_INVALID
     try:
         inputs = json.loads(args.input) if args.input else {}
@@ -253,7 +259,7 @@ def cmd_workflow_run(args: argparse.Namespace) -> int:
     client = _coordinator(args, "workflow run")
     if client is None:
         return EXIT_INVALID
-    document = yaml.safe_load(Path(args.workflow).read_text())
+    document = json.loads(workflow.document)  # the file as checked, read once
 
     def run() -> int:
         started = client.call(COORDINATOR, {"op": "workflow.run", "workflow": document,
@@ -265,7 +271,7 @@ def cmd_workflow_run(args: argparse.Namespace) -> int:
     return _workflow_errors(run, "workflow run")
 
 
-def _wait_workflow(client: Any, workflow_id: str, timeout: float) -> int:
+def _wait_workflow(client: FailoverClient, workflow_id: str, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     seen: dict[str, str] = {}
     while True:
