@@ -51,10 +51,16 @@ unit: $(STAMP) system docker
 # Scenario default: deploy on the lab, converge again (must change nothing), verify, destroy.
 # Scenario failover: deploy, then faults under load (tests/failover), destroy.
 # Scenario upgrade: deploy, then rolling upgrades and a rollback under load (tests/upgrade).
+# A failed scenario's failing tests are printed last, after its destroy.
 molecule: $(STAMP) system docker
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s default
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s failover
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s upgrade
+	@mkdir -p build
+	@for scenario in default failover upgrade; do \
+	  rm -f build/verify-$$scenario.log; \
+	  PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s $$scenario && continue; \
+	  echo "molecule $$scenario failed; its tests said:"; \
+	  grep -hE '^(FAILED|ERROR) |[0-9]+ (passed|failed)' build/verify-$$scenario.log || true; \
+	  exit 2; \
+	done
 
 test: lint unit molecule
 
