@@ -139,10 +139,9 @@ def _say_load(report: dict[str, Any]) -> None:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from agentlink.client import FailoverClient
+    from agentlink.client import FailoverClient, operator_registry
     from agentlink.load import MEMORY, LoadReport, run_load
     from agentlink.local import LocalLab
-    from agentlink.registry import Registry, redis_client
 
     settings = _redis_settings(args, LocalLab(_home(args)).state(), "load")
     if settings is None:
@@ -157,7 +156,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         print(f"sent {report.sent}, ok {report.succeeded}, failed {report.failed}",
               file=sys.stderr, flush=True)
 
-    client = FailoverClient(Registry(redis_client(settings)), stateful={MEMORY})
+    client = FailoverClient(operator_registry(settings), stateful={MEMORY})
     report = run_load(client, spec, progress)
     if args.json:
         _say(json.dumps(report.summary(), indent=2))
@@ -168,8 +167,9 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agentlink import status
+    from agentlink.client import operator_registry
     from agentlink.local import LocalLab
-    from agentlink.registry import REDIS_ERRORS, Registry, redis_client
+    from agentlink.registry import REDIS_ERRORS
     from agentlink.status import fetch_health
 
     state = LocalLab(_home(args)).state()
@@ -181,7 +181,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if topology is None:
         return EXIT_INVALID
     try:
-        rows = status.collect(topology, Registry(redis_client(settings)), fetch_health)
+        rows = status.collect(topology, operator_registry(settings), fetch_health)
     except REDIS_ERRORS as err:
         print(f"agentlink status: registry unreachable ({settings}): {err}", file=sys.stderr)
         return 1
@@ -189,14 +189,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(r.serving for r in rows) else 1
 
 
+def cmd_secrets(args: argparse.Namespace) -> int:
+    from agentlink.security import OPERATOR, create_secrets
+
+    topology = _load(args.topology)
+    if topology is None:
+        return EXIT_INVALID
+    created = create_secrets(args.dir, [*sorted(topology.groups), OPERATOR])
+    _say(f"created: {', '.join(created)}" if created else "nothing to create")
+    return 0
+
+
 def _coordinator(args: argparse.Namespace, command: str) -> FailoverClient | None:
     """A failover client to the RequestCoordinator replicas, or None (said why)."""
-    from agentlink.client import FailoverClient
+    from agentlink.client import FailoverClient, operator_registry
     from agentlink.local import LocalLab
-    from agentlink.registry import Registry, redis_client
 
     settings = _redis_settings(args, LocalLab(_home(args)).state(), command)
-    return None if settings is None else FailoverClient(Registry(redis_client(settings)))
+    return None if settings is None else FailoverClient(operator_registry(settings))
 
 
 def _workflow_errors(call: Callable[[], int], command: str) -> int:
@@ -361,6 +371,11 @@ def parser() -> argparse.ArgumentParser:
                       help="coordinator, twin, memory or agent:<Name>, weight 1 unless given "
                            "(repeat; default the first three)")
     load.add_argument("--json", action="store_true")
+    secrets = command("secrets", cmd_secrets, "create the passwords and CURVE keys that a "
+                      "deployment lacks (never replaces one)")
+    secrets.add_argument("dir", help="the controller's secrets directory (made 0700)")
+    secrets.add_argument("--topology", default=DEFAULT_TOPOLOGY,
+                         help="a keypair for each of its groups, and the operator's")
     for cmd in (status, load):
         _registry_options(cmd)
     for cmd in (up, down):

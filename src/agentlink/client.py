@@ -21,7 +21,21 @@ from typing import Any
 
 from agentlink import protocol
 from agentlink.pool import PeerGone, Pool, RequestTimeout, get_pool
-from agentlink.registry import InstanceRecord, Registry
+from agentlink.registry import InstanceRecord, Registry, redis_client
+from agentlink.security import operator_keys, operator_settings
+
+
+def operator_registry(settings: dict[str, Any]) -> Registry:
+    """The registry as the controller's commands, tests and benchmarks reach it. A deployed
+    system (found through its Sentinels) is reached with its inventory's credentials and
+    this process's pool presents the operator's CURVE keys (agentlink.security); a local
+    run's Redis (a URL) has no users and its hosts no keys."""
+    if not settings.get("sentinels"):
+        return Registry(redis_client(settings))
+    keys = operator_keys()
+    if keys is not None:
+        get_pool().keys = keys
+    return Registry(redis_client(operator_settings(settings)))
 
 
 class NoInstance(Exception):
@@ -105,7 +119,8 @@ class FailoverClient:
                     if self.local is not None and rec.endpoint == self.local[0]:
                         reply = self.local[1](frames)
                     else:
-                        reply = self.pool.request(rec.endpoint, frames, timeout=attempt)
+                        reply = self.pool.request(rec.endpoint, frames, timeout=attempt,
+                                                  server=rec.group)
                     return protocol.decode_reply(reply)
                 except RequestTimeout as err:
                     how = "disconnected" if isinstance(err, PeerGone) else "timed out"

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from agentlink.host import HostConfig, InstanceSpec
+from agentlink.security import CONTAINER_CURVE, CONTAINER_REDIS_AUTH
 from agentlink.topology import Topology, load
 
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
@@ -123,13 +124,19 @@ def startup_config_for(topology_path: str, machine: str, addresses: Mapping[str,
                        sentinel_port: int, service: str,
                        monitoring: Mapping[str, Mapping[str, Any]] | None = None,
                        sentinel_addresses: Mapping[str, str] | None = None,
-                       ) -> dict[str, Any]:
+                       secured: bool = True) -> dict[str, Any]:
     """A machine's startup config with Redis through Sentinel (what the Ansible role uses).
     The Sentinels are on every agent machine unless `sentinel_addresses` says otherwise (the
-    witness runs one too)."""
+    witness runs one too). Secured: Redis with the agents' user and CURVE between hosts, the
+    secrets read from files the container gets mounted (agentlink.security)."""
     topology = load(topology_path)
     redis = sentinel_settings(topology, sentinel_addresses or addresses, sentinel_port, service)
-    return render_startup_config(topology, machine, addresses, redis, monitoring=monitoring)
+    if secured:
+        redis |= CONTAINER_REDIS_AUTH
+    config = render_startup_config(topology, machine, addresses, redis, monitoring=monitoring)
+    if secured:
+        config["security"] = {"curve": dict(CONTAINER_CURVE)}
+    return config
 
 
 def write_startup_config(config: dict[str, Any], path: Path) -> None:
@@ -158,4 +165,5 @@ def load_host_config(path: str | Path, group: str,
                    for i in g["instances"]],
         ttl=float(registry.get("ttl", 6.0)), heartbeat=float(registry.get("heartbeat", 2.0)),
         system=dict(doc.get("system") or {}),
+        curve=dict((doc.get("security") or {}).get("curve") or {}),
     )

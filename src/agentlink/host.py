@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from agentlink import protocol
 from agentlink.agent import (
@@ -41,6 +42,7 @@ from agentlink.metrics import HostMetrics
 from agentlink.pool import get_pool
 from agentlink.registry import REDIS_ERRORS, InstanceRecord, Registry, redis_client
 from agentlink.resources import host_sample
+from agentlink.security import CurveKeys
 
 log = logging.getLogger("agentlink.host")
 REPLY_LINGER_MS = 1000
@@ -74,6 +76,7 @@ class HostConfig:
     workers: int = 32
     stop_deadline: float = 10.0
     system: dict[str, Any] = field(default_factory=dict)  # see render_startup_config
+    curve: dict[str, str] = field(default_factory=dict)  # keys' files; empty: CURVE off
 
 
 class RedisState:
@@ -129,6 +132,11 @@ class AgentHost:
     def __init__(self, config: HostConfig, redis_conn: redis.Redis | None = None) -> None:
         self.config = config
         self.pool = get_pool()
+        # Both ways: the ROUTER serves only known clients, and this host's calls to other
+        # hosts present its key (the pool is the process's).
+        self.keys = CurveKeys.from_settings(config.curve)
+        self.pool.keys = self.keys
+        self._auth: ThreadAuthenticator | None = None
         self.redis = redis_conn or redis_client(config.redis)
         self.registry = Registry(self.redis, ttl=config.ttl)
         self.client = FailoverClient(self.registry, self.pool,
@@ -177,6 +185,9 @@ class AgentHost:
         ctx = self.pool.context
         self._router = ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self._auth = self.keys.authenticator(ctx)
+            self.keys.make_server(self._router)
         self._router.bind(f"tcp://*:{self.config.port}")
         self._replies = ctx.socket(zmq.PULL)
         self._replies.bind(self._reply_addr)
@@ -217,6 +228,8 @@ class AgentHost:
             self._http.server_close()
         for sock in self._pushers:
             sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self.pool.close()
         log.info("group %s stopped", self.config.group)
 

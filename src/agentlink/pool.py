@@ -12,6 +12,9 @@ Each socket is monitored for disconnects. When the connection drops while a requ
 request fails at once with PeerGone instead of waiting out its timeout; so does a request
 that finds no connection within CONNECT_WAIT_S. The failover client then moves on to
 another replica.
+
+With CURVE keys (`Pool.keys`), every socket encrypts and authenticates: the pool presents
+this process's keypair and expects the server key of the group the endpoint serves.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 from dataclasses import dataclass
 
 import zmq
+
+from agentlink.security import CurveKeys
 
 MAX_SOCKETS_PER_ENDPOINT = 16
 # How long a request waits for a connection to its endpoint. A live peer on the LAN is
@@ -80,6 +85,7 @@ class Pool:
         self.context = context or zmq.Context()
         self.max_per_endpoint = max_per_endpoint
         self.stats = PoolStats()
+        self.keys: CurveKeys | None = None  # None: plain TCP (tests, a local run)
         self._endpoints: dict[str, _Endpoint] = {}
         self._lock = threading.Lock()
 
@@ -87,8 +93,10 @@ class Pool:
         with self._lock:
             return self._endpoints.setdefault(endpoint, _Endpoint())
 
-    def _open(self, endpoint: str) -> _Conn:
+    def _open(self, endpoint: str, server: str | None) -> _Conn:
         sock = self.context.socket(zmq.DEALER)
+        if self.keys is not None and server is not None:
+            self.keys.make_client(sock, server)
         sock.setsockopt(zmq.LINGER, 0)
         # Only queue to a connected peer: a dead endpoint is noticed when sending, not later.
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -97,7 +105,8 @@ class Pool:
         sock.connect(endpoint)
         return _Conn(sock)
 
-    def _checkout(self, endpoint: str, slot: _Endpoint, deadline: float) -> _Conn:
+    def _checkout(self, endpoint: str, slot: _Endpoint, deadline: float,
+                  server: str | None) -> _Conn:
         with slot.ready:
             while not slot.free and slot.open >= self.max_per_endpoint:
                 if not slot.ready.wait(max(deadline - time.monotonic(), 0)):
@@ -107,7 +116,7 @@ class Pool:
             slot.open += 1
             reconnect, slot.timed_out = slot.timed_out, False
         self._count(sockets=1, reconnects=int(reconnect))
-        return self._open(endpoint)
+        return self._open(endpoint, server)
 
     def _checkin(self, slot: _Endpoint, conn: _Conn | None) -> None:
         with slot.ready:
@@ -119,13 +128,15 @@ class Pool:
             slot.ready.notify()
 
     def request(self, endpoint: str, frames: list[bytes], timeout: float = 2.0,
-                retries: int = 0) -> list[bytes]:
-        """Send frames to endpoint and return the reply frames (the empty delimiter removed)."""
+                retries: int = 0, server: str | None = None) -> list[bytes]:
+        """Send frames to endpoint and return the reply frames (the empty delimiter removed).
+
+        `server` names the host behind the endpoint (its group), whose CURVE key to expect."""
         slot = self._endpoint(endpoint)
         deadline = time.monotonic() + timeout * (retries + 1)
         gone = False
         for _ in range(retries + 1):
-            conn = self._checkout(endpoint, slot, deadline)
+            conn = self._checkout(endpoint, slot, deadline, server)
             attempt_timeout = min(timeout, max(deadline - time.monotonic(), 0.0))
             try:
                 reply = self._exchange(conn, frames, attempt_timeout)

@@ -19,6 +19,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from agentlink.security import read_secret
+
 PREFIX = "agentlink"
 SERVING = frozenset({"healthy", "degraded"})
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.sentinel.MasterNotFoundError)
@@ -55,15 +57,23 @@ def redis_client(settings: dict[str, Any]) -> redis.Redis:
         "socket_timeout": settings.get("timeout", 0.5),
         "socket_connect_timeout": settings.get("timeout", 0.5),
         "retry": Retry(NoBackoff(), 0),
-        "password": settings.get("password") or None,
+        "password": _password(settings, "password"),
         "username": settings.get("username") or None,
     }
     if settings.get("sentinels"):
         nodes = [(h, int(p)) for h, p in (s.rsplit(":", 1) for s in settings["sentinels"])]
-        sentinel = Sentinel(nodes, sentinel_kwargs={"socket_timeout": options["socket_timeout"]},
-                            **options)
+        sentinel = Sentinel(nodes, sentinel_kwargs={
+            "socket_timeout": options["socket_timeout"],
+            "password": _password(settings, "sentinel_password")}, **options)
         return sentinel.master_for(settings.get("service", "agentlink"))
     return redis.Redis.from_url(settings.get("url", "redis://127.0.0.1:6379/0"), **options)
+
+
+def _password(settings: dict[str, Any], name: str) -> str | None:
+    """`<name>` itself, or read from `<name>_file` (how containers get it: a mounted file)."""
+    if settings.get(f"{name}_file"):
+        return read_secret(settings[f"{name}_file"])
+    return settings.get(name) or None
 
 
 class Registry:
