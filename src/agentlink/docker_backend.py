@@ -23,6 +23,7 @@ from docker.errors import DockerException, NotFound
 from docker.models.containers import Container
 
 from agentlink.launch import Unit
+from agentlink.security import container_mounts
 from agentlink.status import fetch_health
 
 LABEL_DIGEST = "io.agentlink.digest"
@@ -31,6 +32,16 @@ LABEL_MACHINE = "io.agentlink.machine"
 CONFIG_MOUNT = "/etc/agentlink"
 PREVIOUS = "-previous"  # name suffix of the host an upgrade keeps aside for a rollback
 MIN_MEMORY_MB = 64  # the Python runtime alone; agents' own limits add to it
+# Least privilege: the image's non-root user, nothing writable but a small /tmp, no
+# capabilities, no privilege gain through setuid binaries. Threads count as pids: a host
+# runs its workers, HTTP and ZeroMQ threads, well under the bound.
+HARDENING: dict[str, Any] = {
+    "read_only": True,
+    "tmpfs": {"/tmp": "size=16m,mode=1777"},
+    "cap_drop": ["ALL"],
+    "security_opt": ["no-new-privileges"],
+    "pids_limit": 256,
+}
 
 
 @dataclass
@@ -45,6 +56,7 @@ class MachineSpec:
     network_mode: str = "host"
     env: dict[str, str] = field(default_factory=dict)
     config_checksum: str = ""  # of the rendered configs: a change recreates containers
+    secret_dir: str = ""  # on that machine: keys and passwords (roles/secrets); "" for none
     restart_policy: str = "unless-stopped"
 
 
@@ -78,17 +90,25 @@ class DockerBackend:
                         "--group", unit.name],
             "environment": dict(sorted(machine.env.items())),
             "network_mode": machine.network_mode,
-            "volumes": {machine.config_dir: {"bind": CONFIG_MOUNT, "mode": "ro"}},
+            "volumes": self._volumes(machine, unit.name),
             "mem_limit": f"{memory_mb}m",
             "nano_cpus": max(int(unit.group.cpus * 1e9), 10**8),
             "restart_policy": {"Name": machine.restart_policy},
             "stop_signal": "SIGTERM",
+            **HARDENING,
         }
         digest = hashlib.sha256(json.dumps([spec, machine.config_checksum], sort_keys=True)
                                 .encode()).hexdigest()[:16]
         spec["labels"] = {LABEL_DIGEST: digest, LABEL_GROUP: unit.name,
                           LABEL_MACHINE: unit.machine}
         return spec
+
+    @staticmethod
+    def _volumes(machine: MachineSpec, group: str) -> dict[str, dict[str, str]]:
+        mounts = {machine.config_dir: CONFIG_MOUNT}
+        if machine.secret_dir:
+            mounts |= container_mounts(machine.secret_dir, group)
+        return {source: {"bind": target, "mode": "ro"} for source, target in mounts.items()}
 
     def _get(self, unit: Unit, suffix: str = "") -> Container | None:
         try:
