@@ -73,9 +73,9 @@ def containers_of(machine: str) -> list[docker.models.containers.Container]:
 def replicated(lab: Lab) -> bool:
     """The primary the Sentinels name has its replica connected and in sync."""
     try:
-        sentinel = redis.Redis(host=lab.addresses["mainpc"], port=26379, decode_responses=True)
-        primary = sentinel.sentinel_get_master_addr_by_name("agentlink")[0]
-        info = redis.Redis(host=primary, port=6379).info("replication")
+        primary = lab.sentinel(lab.addresses["mainpc"]).sentinel_get_master_addr_by_name(
+            "agentlink")[0]
+        info = lab.redis(primary).info("replication")
     except (redis.RedisError, TypeError):
         return False
     return info["role"] == "master" and info["connected_slaves"] == len(lab.addresses) - 1 \
@@ -122,7 +122,7 @@ def test_pc2_cut_off_then_stopped_under_load(lab: Lab) -> None:
 
 
 def test_the_redis_primary_killed_under_load(lab: Lab) -> None:
-    sentinel = redis.Redis(host=lab.addresses["mainpc"], port=26379, decode_responses=True)
+    sentinel = lab.sentinel(lab.addresses["mainpc"])
     old = sentinel.sentinel_get_master_addr_by_name("agentlink")[0]
     machine = next(m for m, a in lab.addresses.items() if a == old)
     primary = docker.from_env().containers.get(f"agentlink-{machine}-redis")
@@ -133,6 +133,6 @@ def test_the_redis_primary_killed_under_load(lab: Lab) -> None:
         primary.start()
     assert new != old  # the Sentinels elected the replica
     assert_nothing_lost(report)
-    wait_until("the old primary back as a replica", lambda: redis.Redis(
-        host=old, port=6379).info("replication")["role"] == "slave")
+    wait_until("the old primary back as a replica",
+               lambda: lab.redis(old).info("replication")["role"] == "slave")
     wait_until("every instance serving", lambda: serving(lab))

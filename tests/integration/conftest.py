@@ -8,9 +8,12 @@ from pathlib import Path
 
 import docker
 import pytest
+import redis
 import yaml
 
-from agentlink.registry import Registry, redis_client
+from agentlink.client import operator_registry
+from agentlink.registry import Registry
+from agentlink.security import operator_redis_auth
 from agentlink.topology import Topology, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +40,17 @@ class Lab:
         return [f"{address}:26379" for address in every]
 
     def registry(self) -> Registry:
-        return Registry(redis_client({"sentinels": self.sentinels, "service": "agentlink"}))
+        return operator_registry({"sentinels": self.sentinels, "service": "agentlink"})
+
+    @staticmethod
+    def redis(address: str) -> redis.Redis:
+        """The Redis at address, as the operator (the agents' ACL user)."""
+        return redis.Redis(host=address, port=6379, **operator_redis_auth())
+
+    @staticmethod
+    def sentinel(address: str) -> redis.Redis:
+        return redis.Redis(host=address, port=26379, decode_responses=True,
+                           **operator_redis_auth(sentinel=True))
 
 
 @pytest.fixture(scope="session")
