@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEBIAN_PACKAGES := redis-server prometheus prometheus-alertmanager chromium chromium-driver
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/lab
 
-.PHONY: deploy test lint unit molecule down status bench bench-all bench-runtime bench-deploy bench-monitoring bench-ha bench-workflows system docker local-up local-down
+.PHONY: deploy test lint unit molecule down status bench bench-all bench-runtime bench-deploy bench-monitoring bench-ha bench-workflows bench-security system docker local-up local-down
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -88,5 +88,10 @@ bench: $(STAMP) system docker
 bench-workflows: $(STAMP) docker
 	$(BIN)/python bench/workflows.py
 
+# No lab needed: the round trip with CURVE on vs off, and hostile input at a real agent host;
+# writes the security section of docs/benchmarks.md.
+bench-security: $(STAMP) system
+	$(BIN)/python bench/security.py
+
 # Every figure of docs/benchmarks.md (bench-deploy --cold is run by hand: it removes all images).
-bench-all: bench bench-runtime bench-deploy bench-monitoring bench-ha bench-workflows
+bench-all: bench bench-runtime bench-deploy bench-monitoring bench-ha bench-workflows bench-security

@@ -38,10 +38,11 @@ import docker
 import redis
 import yaml
 
-from agentlink.client import FailoverClient
+from agentlink.client import FailoverClient, operator_registry
 from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE
 from agentlink.load import MEMORY, BackgroundLoad, LoadSpec, Slot, build_request, percentile
-from agentlink.registry import SERVING, Registry, redis_client
+from agentlink.registry import SERVING, Registry
+from agentlink.security import operator_redis_auth
 from agentlink.status import fetch_health
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +167,8 @@ def primary_of(sentinel: redis.Redis) -> str:
 
 def in_sync(address: str) -> bool:
     try:
-        info = redis.Redis(host=address, port=6379, socket_timeout=0.5).info("replication")
+        info = redis.Redis(host=address, port=6379, socket_timeout=0.5,
+                           **operator_redis_auth()).info("replication")
     except redis.RedisError:
         return False
     return info["role"] == "slave" and info.get("master_link_status") == "up"
@@ -175,7 +177,8 @@ def in_sync(address: str) -> bool:
 def redis_trials(engine: docker.DockerClient, caller: Caller, sentinels: list[str],
                  trials: int) -> dict[str, list[float]]:
     host, port = sentinels[0].rsplit(":", 1)
-    sentinel = redis.Redis(host=host, port=int(port), decode_responses=True)
+    sentinel = redis.Redis(host=host, port=int(port), decode_responses=True,
+                           **operator_redis_auth(sentinel=True))
     figures: dict[str, list[float]] = {"failover_s": [], "heal_s": [], "failed": []}
     machine_of = {c.attrs["NetworkSettings"]["Networks"]["agentlink-lan"]["IPAddress"]:
                   c.labels[LABEL_MACHINE] for c in engine.containers.list()
@@ -245,7 +248,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = docker.from_env()
     sentinels = lab_sentinels()
-    registry = Registry(redis_client({"sentinels": sentinels, "service": "agentlink"}))
+    registry = operator_registry({"sentinels": sentinels, "service": "agentlink"})
     client = FailoverClient(registry, stateful={MEMORY})
 
     print("rolling upgrade of every agent host under 40 requests/s ...", flush=True)

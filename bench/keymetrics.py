@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import platform
-import re
 import tempfile
 import time
 from collections import Counter
@@ -33,9 +32,10 @@ import docker
 import psutil
 import yaml
 from deploy import image_sizes, playbook
+from docs_section import write_section
 from ha import lab_sentinels
 
-from agentlink.client import FailoverClient
+from agentlink.client import FailoverClient, operator_registry
 from agentlink.docker_backend import LABEL_GROUP
 from agentlink.footprint import (
     ProcessFootprint,
@@ -46,7 +46,6 @@ from agentlink.footprint import (
     tree_footprint,
 )
 from agentlink.load import DEFAULT_TARGETS, BackgroundLoad, LoadSpec
-from agentlink.registry import Registry, redis_client
 from agentlink.topology import Topology, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +55,6 @@ DOCS = ROOT / "docs"
 MB = 2**20
 LOAD_RATE = 100.0  # requests/s over every agent
 LOAD_SETTLE_S = 8.0  # load runs this long before the system is read: connections are open
-SECTION = re.compile(r"<!-- key-metrics:begin -->.*<!-- key-metrics:end -->", re.S)
 # Agents the load generator's own kinds reach; every other agent gets a worker's request.
 BY_KIND = {"RequestCoordinator", "SystemDigitalTwin", "MemoryOrchestratorService"}
 
@@ -113,8 +111,8 @@ def connection_kinds(agents: list[ProcessFootprint], infrastructure: list[Proces
 
 def measure(engine: docker.DockerClient, topology: Topology) -> dict[str, Any]:
     """The running system's figures, read while a load over every agent runs."""
-    client = FailoverClient(Registry(redis_client({"sentinels": lab_sentinels(),
-                                                   "service": "agentlink"})))
+    client = FailoverClient(operator_registry({"sentinels": lab_sentinels(),
+                                               "service": "agentlink"}))
     targets = (*DEFAULT_TARGETS, *(f"agent:{a}" for a in topology.agents if a not in BY_KIND))
     spec = LoadSpec(rate=LOAD_RATE, duration=600, workers=16, timeout=10.0, targets=targets)
     with BackgroundLoad(client, spec) as loader:
@@ -309,9 +307,7 @@ def print_table(table: list[Row]) -> None:
 
 def write_docs(result: dict[str, Any], table: list[Row]) -> None:
     (DOCS / "benchmarks.json").write_text(json.dumps(result, indent=2) + "\n")
-    page = DOCS / "benchmarks.md"
-    section = f"<!-- key-metrics:begin -->\n{markdown(result, table)}\n<!-- key-metrics:end -->"
-    page.write_text(SECTION.sub(lambda _: section, page.read_text()))
+    write_section("key-metrics", "Key metrics", markdown(result, table))
 
 
 def main() -> int:

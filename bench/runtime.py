@@ -55,18 +55,20 @@ def _echo_server(port: int) -> None:
 
 
 @contextmanager
-def agent_host(workdir: Path, redis_url: str, agents: int) -> Iterator[tuple[psutil.Process, str]]:
-    """One real `agentlink run` process hosting `agents` workers; yields it and its endpoint."""
+def agent_host(workdir: Path, redis_url: str, agents: int,
+               security: dict[str, Any] | None = None) -> Iterator[tuple[psutil.Process, str]]:
+    """One real `agentlink run` process hosting `agents` workers, group `bench`; yields it and
+    its endpoint. `security` goes into its startup config as is (CURVE keys' files)."""
     port = free_ports(2)[0]
     topology_file = workdir / f"bench-{agents}.yml"
     topology_file.write_text(yaml.safe_dump({
         "machines": {"bench": {}},
         "agents": [{"name": f"Worker{n}", "class": WORKER, "machine": "bench", "group": "bench",
                     "port": port, "options": {"kind": "stats"}} for n in range(agents)]}))
-    config = workdir / f"bench-{agents}.yaml"
-    write_startup_config(render_startup_config(load(topology_file), "bench",
-                                               {"bench": "127.0.0.1"}, {"url": redis_url}),
-                         config)
+    config = workdir / f"bench-{agents}-{port}.yaml"
+    startup = render_startup_config(load(topology_file), "bench", {"bench": "127.0.0.1"},
+                                    {"url": redis_url})
+    write_startup_config({**startup, "security": security or {}}, config)
     log = (workdir / f"bench-{agents}.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "agentlink", "run", "--config", str(config),
                              "--group", "bench"], stdout=log, stderr=subprocess.STDOUT)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import statistics
 import sys
@@ -31,17 +30,18 @@ from typing import Any
 
 import docker
 import yaml
+from docs_section import write_section
 from ha import lab_sentinels
 from keymetrics import machine
 
-from agentlink.client import FailoverClient
-from agentlink.registry import REDIS_ERRORS, Registry, redis_client
+from agentlink.client import FailoverClient, operator_registry
+from agentlink.registry import REDIS_ERRORS, redis_client
+from agentlink.security import operator_settings
 from agentlink.workflow.engine import record_key
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "workflows" / "transcript.yml"
 DOCS = ROOT / "docs"
-SECTION = re.compile(r"<!-- workflows:begin -->.*<!-- workflows:end -->", re.S)
 COORDINATOR = "RequestCoordinator"
 WINDOW = 32
 CUT_S = 15.0
@@ -54,7 +54,8 @@ class Tracker:
     def __init__(self, client: FailoverClient, document: dict[str, Any]) -> None:
         self.client = client
         self.document = document
-        self.redis = redis_client({"sentinels": lab_sentinels(), "service": "agentlink"})
+        self.redis = redis_client(operator_settings({"sentinels": lab_sentinels(),
+                                                     "service": "agentlink"}))
         self.acknowledged = 0
         self.refused = 0  # submissions not acknowledged (and sent again)
         self.outcomes: dict[str, str] = {}
@@ -222,12 +223,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def write_docs(result: dict[str, Any]) -> None:
     (DOCS / "benchmarks-workflows.json").write_text(json.dumps(result, indent=2) + "\n")
-    doc = DOCS / "benchmarks.md"
-    section = f"<!-- workflows:begin -->\n{markdown(result)}\n<!-- workflows:end -->"
-    text = doc.read_text()
-    text = SECTION.sub(lambda _: section, text) if SECTION.search(text) else \
-        f"{text.rstrip()}\n\n## Workflows\n\n{section}\n"
-    doc.write_text(text)
+    write_section("workflows", "Workflows", markdown(result))
 
 
 def main() -> int:
@@ -237,8 +233,8 @@ def main() -> int:
     parser.add_argument("--no-docs", action="store_true", help="print only")
     args = parser.parse_args()
     document = yaml.safe_load(EXAMPLE.read_text())
-    client = FailoverClient(Registry(redis_client({"sentinels": lab_sentinels(),
-                                                   "service": "agentlink"})))
+    client = FailoverClient(operator_registry({"sentinels": lab_sentinels(),
+                                               "service": "agentlink"}))
     print("time to initialize: 200 workflows, one after another", flush=True)
     init = init_times(client, document, 200)
     print(f"  {init}\nthroughput: {args.throughput_count} workflows", flush=True)
