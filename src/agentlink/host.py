@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 import zmq
+import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
 from agentlink import protocol
@@ -47,6 +48,20 @@ from agentlink.security import CurveKeys
 log = logging.getLogger("agentlink.host")
 REPLY_LINGER_MS = 1000
 DRAIN_GRACE_S = 0.5
+# Bounds against hostile input. A message over MAX_MESSAGE_BYTES drops its sender's
+# connection (ZMQ_MAXMSGSIZE); beyond MAX_QUEUED_PER_WORKER requests per worker in flight, a
+# new one is answered `overloaded` instead of queued. Names from a message are echoed in
+# error replies cut to MAX_NAME_ECHO characters.
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_QUEUED_PER_WORKER = 64
+MAX_NAME_ECHO = 64
+HTTP_TIMEOUT_S = 5.0  # a client that sends nothing for this long is dropped
+MAX_HTTP_CONNECTIONS = 32
+MAX_HTTP_PATH = 1024
+_PEER_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed",
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+                zmq.EVENT_DISCONNECTED: "disconnected"}
 
 
 @dataclass
@@ -185,14 +200,15 @@ class AgentHost:
         ctx = self.pool.context
         self._router = ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._peers = self._router.get_monitor_socket(sum(_PEER_EVENTS))
         if self.keys is not None:
             self._auth = self.keys.authenticator(ctx)
             self.keys.make_server(self._router)
         self._router.bind(f"tcp://*:{self.config.port}")
         self._replies = ctx.socket(zmq.PULL)
         self._replies.bind(self._reply_addr)
-        self._http = ThreadingHTTPServer(("", self.config.http_port), _http_handler(self))
-        self._http.daemon_threads = True
+        self._http = _BoundedHTTPServer(("", self.config.http_port), _http_handler(self))
         for slot in self.slots.values():
             slot.record.pid = os.getpid()
         self.started_at = time.monotonic()
@@ -314,6 +330,7 @@ class AgentHost:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
+        poller.register(self._peers, zmq.POLLIN)
         try:
             # In flight ends when this thread has sent the reply, so a stop never drops one.
             # After the last reply the socket stays open (and answers late requests with
@@ -322,39 +339,64 @@ class AgentHost:
             drained_at = None
             while drained_at is None or time.monotonic() - drained_at < DRAIN_GRACE_S:
                 for sock, _ in poller.poll(50):
-                    if sock is self._router:
-                        self._dispatch(self._router.recv_multipart())
-                    else:
-                        self._router.send_multipart(self._replies.recv_multipart())
-                        with self._inflight_lock:
-                            self._inflight -= 1
+                    try:
+                        self._on_ready(sock)
+                    except Exception:  # one bad message must never end the serving thread
+                        log.exception("group %s: a message was not handled", self.config.group)
+                        self.metrics.rejected("?", protocol.INTERNAL)
                 if drained_at is None and self.stopping.is_set() and self._inflight == 0:
                     drained_at = time.monotonic()
         finally:
+            self._router.disable_monitor()
+            self._peers.close(linger=0)
             self._router.close(linger=REPLY_LINGER_MS)  # let the last replies leave
             self._replies.close(linger=0)
             self._io_done.set()
 
-    def _dispatch(self, frames: list[bytes]) -> None:
+    def _on_ready(self, sock: zmq.Socket[bytes]) -> None:
         assert self._router is not None
+        if sock is self._router:
+            self._dispatch(self._router.recv_multipart())
+        elif sock is self._peers:
+            event = zmq.utils.monitor.recv_monitor_message(sock)["event"]
+            self.metrics.peer_event(_PEER_EVENTS.get(event, "other"))
+        else:
+            self._router.send_multipart(self._replies.recv_multipart())
+            with self._inflight_lock:
+                self._inflight -= 1
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        """Queue a request for a worker, or answer at once why not (and count it)."""
         if len(frames) not in (4, 5) or frames[1] != b"":
-            self.metrics.rejected("?", protocol.BAD_REQUEST)
-            self._router.send_multipart([frames[0], b"", protocol.error(
-                protocol.BAD_REQUEST, "expected frames: agent name, JSON body[, key]")])
+            self._refuse(frames[0], "?", protocol.BAD_REQUEST,
+                         "expected frames: agent name, JSON body[, key]")
             return
         ident, _, target, body, *key = frames
-        name = target.decode(errors="replace")
-        slot = self.slots.get(name)
-        if slot is None or self.stopping.is_set() or not slot.ready:
-            code = protocol.UNKNOWN_AGENT if slot is None else protocol.UNAVAILABLE
-            self.metrics.rejected(name, code)
-            self._router.send_multipart([ident, b"", protocol.error(
-                code, f"{name} is not served by group {self.config.group}"
-                if slot is None else f"{name} is not accepting requests")])
-            return
+        name = target.decode(errors="replace")[:MAX_NAME_ECHO]
+        slot = self.slots.get(target.decode(errors="replace"))
+        if slot is None:
+            self._refuse(ident, "?", protocol.UNKNOWN_AGENT,
+                         f"{name} is not served by group {self.config.group}")
+        elif self.stopping.is_set() or not slot.ready:
+            self._refuse(ident, name, protocol.UNAVAILABLE, f"{name} is not accepting requests")
+        elif not self._admit():
+            self._refuse(ident, name, protocol.OVERLOADED,
+                         f"group {self.config.group} has {self._inflight} requests in flight")
+        else:
+            self._work_queue.put((ident, slot, body, key[0] if key else None))
+
+    def _admit(self) -> bool:
+        """Count one more request in flight, unless the bound is reached (a flood)."""
         with self._inflight_lock:
+            if self._inflight >= MAX_QUEUED_PER_WORKER * self.config.workers:
+                return False
             self._inflight += 1
-        self._work_queue.put((ident, slot, body, key[0] if key else None))
+            return True
+
+    def _refuse(self, ident: bytes, agent: str, code: str, message: str) -> None:
+        assert self._router is not None
+        self.metrics.rejected(agent, code)
+        self._router.send_multipart([ident, b"", protocol.error(code, message)])
 
     def _worker(self) -> None:
         while (job := self._work_queue.get()) is not None:
@@ -398,7 +440,13 @@ class AgentHost:
     def _run(self, slot: _Slot, body: bytes) -> tuple[bytes, bool]:
         started = time.perf_counter()
         try:
-            reply = protocol.ok(slot.agent.handle(json.loads(body)))
+            request = json.loads(body)
+        except (ValueError, RecursionError) as err:  # not JSON, or nested past the stack
+            self.metrics.observe(slot.spec.agent, time.perf_counter() - started,
+                                 protocol.BAD_REQUEST)
+            return protocol.error(protocol.BAD_REQUEST, f"body is not JSON: {err}"[:200]), False
+        try:
+            reply = protocol.ok(slot.agent.handle(request))
             code = ""
         except ValueError as err:
             code, reply = protocol.BAD_REQUEST, protocol.error(protocol.BAD_REQUEST, str(err))
@@ -419,9 +467,44 @@ class AgentHost:
         return sock
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, up to MAX_HTTP_CONNECTIONS; more are closed at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def _http_handler(host: AgentHost) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = HTTP_TIMEOUT_S  # read-only and bounded: GET only, slow clients dropped
+
+        def _refuse(self) -> None:
+            self.send_response(405)
+            self.send_header("Allow", "GET")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+
         def do_GET(self) -> None:
+            if len(self.path) > MAX_HTTP_PATH:
+                self.send_error(414)
+                return
             if self.path == "/metrics":
                 body, ctype, status = host.metrics.render(), "text/plain; version=0.0.4", 200
             elif self.path.rstrip("/") == "/health" or self.path.startswith("/health/"):

@@ -86,6 +86,10 @@ class HostMetrics:
                                "Requests with an idempotency key already run: answered with "
                                "the first reply (or in_progress), not run again", ["agent"],
                                registry=self.registry)
+        self.peer_events = Counter("agentlink_peer_events",
+                                   "Connections to the host's ROUTER that failed the CURVE "
+                                   "handshake or were dropped (an oversized message drops one)",
+                                   ["event"], registry=self.registry)
         self.duration = Histogram("agentlink_request_duration_seconds", "Time in handle()",
                                   ["agent"], registry=self.registry,
                                   buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
@@ -110,7 +114,12 @@ class HostMetrics:
         self.repeats.labels(agent).inc()
 
     def rejected(self, agent: str, code: str) -> None:
+        """`agent` is one this host serves, or "?": a name from a message never becomes a
+        label, or a flood of made-up names would grow the series without bound."""
         self.errors.labels(agent, code).inc()
+
+    def peer_event(self, event: str) -> None:
+        self.peer_events.labels(event).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,7 +5,8 @@ body, and optionally a third, an idempotency key: the agent host then runs the r
 once for that key and answers repeats with the first reply (agentlink.idempotency).
 A reply is one JSON frame: {"ok": true, "result": ...} or {"ok": false, "code", "error"}.
 Codes tell the client whether another instance may be tried: only codes in RETRYABLE mean the
-request was not processed.
+request was not processed. OVERLOADED: the host's queue is full (a flood); another replica, or
+the same one a moment later, may take it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ UNAVAILABLE = "unavailable"  # host stopping or instance draining: not processed
 BAD_REQUEST = "bad_request"
 HANDLER_ERROR = "handler_error"
 IN_PROGRESS = "in_progress"  # a request with this idempotency key is running: ask again later
-RETRYABLE = frozenset({UNKNOWN_AGENT, UNAVAILABLE})
+OVERLOADED = "overloaded"
+INTERNAL = "internal"  # the host failed to handle a message at all (counted, never raised)
+RETRYABLE = frozenset({UNKNOWN_AGENT, UNAVAILABLE, OVERLOADED})
 
 
 class RemoteError(Exception):

@@ -25,6 +25,21 @@ class Slow(BaseAgent):
         return {"slept": request.get("sleep"), "by": self.instance}
 
 
+class Gate(BaseAgent):
+    """Holds every request until open() (at most 10 s): fills a host's workers on purpose."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._open = threading.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def handle(self, request: Any) -> Any:
+        self._open.wait(10)
+        return {"by": self.instance}
+
+
 class Failing(BaseAgent):
     def handle(self, request: Any) -> Any:
         raise RuntimeError("boom")
