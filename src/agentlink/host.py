@@ -58,10 +58,21 @@ MAX_NAME_ECHO = 64
 HTTP_TIMEOUT_S = 5.0  # a client that sends nothing for this long is dropped
 MAX_HTTP_CONNECTIONS = 32
 MAX_HTTP_PATH = 1024
+# Messages one peer may have waiting at the ROUTER; then libzmq stops reading its connection
+# and TCP pushes back on the sender. Clients keep one request in flight per socket.
+ROUTER_RCVHWM = 256
 _PEER_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed",
                 zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
                 zmq.EVENT_DISCONNECTED: "disconnected"}
+
+
+def harden_router(sock: zmq.Socket[bytes]) -> None:
+    """Bound what one peer can make the ROUTER hold (set before bind): a frame over
+    MAX_MESSAGE_BYTES drops the sender's connection, and at most ROUTER_RCVHWM messages of
+    one peer wait unread."""
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)
 
 
 @dataclass
@@ -200,7 +211,7 @@ class AgentHost:
         ctx = self.pool.context
         self._router = ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        harden_router(self._router)
         self._peers = self._router.get_monitor_socket(sum(_PEER_EVENTS))
         if self.keys is not None:
             self._auth = self.keys.authenticator(ctx)
@@ -379,6 +390,8 @@ class AgentHost:
                          f"{name} is not served by group {self.config.group}")
         elif self.stopping.is_set() or not slot.ready:
             self._refuse(ident, name, protocol.UNAVAILABLE, f"{name} is not accepting requests")
+        elif key and not _is_utf8(key[0]):  # decoded loosely, two keys could share a run
+            self._refuse(ident, name, protocol.BAD_REQUEST, "idempotency key is not UTF-8")
         elif not self._admit():
             self._refuse(ident, name, protocol.OVERLOADED,
                          f"group {self.config.group} has {self._inflight} requests in flight")
@@ -403,7 +416,13 @@ class AgentHost:
             self._work(*job)
 
     def _work(self, ident: bytes, slot: _Slot, body: bytes, key: bytes | None) -> None:
-        self._pusher().send_multipart([ident, b"", self._answer(slot, body, key)])
+        try:
+            reply = self._answer(slot, body, key)
+        except Exception:  # a reply must go back: it is what ends the request's in-flight count
+            log.exception("%s: request not answered", slot.spec.instance)
+            self.metrics.rejected(slot.spec.agent, protocol.INTERNAL)
+            reply = protocol.error(protocol.INTERNAL, "the host failed to answer")
+        self._pusher().send_multipart([ident, b"", reply])
 
     def local_reply(self, frames: list[bytes]) -> list[bytes]:
         """Answer a request to an agent of this process in the caller's thread.
@@ -467,10 +486,21 @@ class AgentHost:
         return sock
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class _BoundedHTTPServer(ThreadingHTTPServer):
     """One thread per connection, up to MAX_HTTP_CONNECTIONS; more are closed at once."""
 
     daemon_threads = True
+    # The listen backlog (5 by default): a burst of scrapes and polls beyond it waits a second
+    # for the client's SYN to be sent again.
+    request_queue_size = MAX_HTTP_CONNECTIONS
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(address, handler)
@@ -480,7 +510,11 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else would free the slot
+            self._slots.release()
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -491,33 +525,40 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
 def _http_handler(host: AgentHost) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        timeout = HTTP_TIMEOUT_S  # read-only and bounded: GET only, slow clients dropped
+        timeout = HTTP_TIMEOUT_S  # read-only and bounded: GET/HEAD, slow clients dropped
 
         def _refuse(self) -> None:
-            self.send_response(405)
-            self.send_header("Allow", "GET")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self._send(WebReply(405, "application/json", b'{"error": "read-only: GET, HEAD"}'),
+                       allow="GET, HEAD")
 
-        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+        # Methods made up by the client stay 501 (not implemented), as HTTP says.
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _refuse
 
         def do_GET(self) -> None:
+            self._send(self._page())
+
+        def do_HEAD(self) -> None:
+            self._send(self._page(), with_body=False)
+
+        def _page(self) -> WebReply:
             if len(self.path) > MAX_HTTP_PATH:
-                self.send_error(414)
-                return
+                return WebReply(414, "application/json", b'{"error": "path too long"}')
             if self.path == "/metrics":
-                body, ctype, status = host.metrics.render(), "text/plain; version=0.0.4", 200
-            elif self.path.rstrip("/") == "/health" or self.path.startswith("/health/"):
+                return WebReply(200, "text/plain; version=0.0.4", host.metrics.render())
+            if self.path.rstrip("/") == "/health" or self.path.startswith("/health/"):
                 body, status = self._health(self.path[len("/health/"):])
-                ctype = "application/json"
-            else:
-                reply = self._agent_page()
-                body, ctype, status = reply.body, reply.content_type, reply.status
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+                return WebReply(status, "application/json", body)
+            return self._agent_page()
+
+        def _send(self, reply: WebReply, with_body: bool = True, allow: str = "") -> None:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            if allow:
+                self.send_header("Allow", allow)
             self.end_headers()
-            self.wfile.write(body)
+            if with_body:
+                self.wfile.write(reply.body)
 
         def _agent_page(self) -> WebReply:
             for slot in host.slots.values():

@@ -20,7 +20,7 @@ BAD_REQUEST = "bad_request"
 HANDLER_ERROR = "handler_error"
 IN_PROGRESS = "in_progress"  # a request with this idempotency key is running: ask again later
 OVERLOADED = "overloaded"
-INTERNAL = "internal"  # the host failed to handle a message at all (counted, never raised)
+INTERNAL = "internal"  # the host itself failed on a message: counted, answered if it can be
 RETRYABLE = frozenset({UNKNOWN_AGENT, UNAVAILABLE, OVERLOADED})
 
 
@@ -52,10 +52,13 @@ def decode_reply(frames: list[bytes]) -> Any:
     """The result of a reply, or RemoteError for an error reply or a malformed one."""
     try:
         reply = json.loads(frames[-1])
-    except (IndexError, ValueError) as err:
+    except (IndexError, ValueError, RecursionError) as err:  # JSON nested past the stack
         raise RemoteError(BAD_REQUEST, f"malformed reply: {err}") from err
     if not isinstance(reply, dict) or "ok" not in reply:
         raise RemoteError(BAD_REQUEST, "malformed reply")
     if reply["ok"]:
         return reply.get("result")
-    raise RemoteError(str(reply.get("code", HANDLER_ERROR)), str(reply.get("error", "")))
+    code, message = reply.get("code", HANDLER_ERROR), reply.get("error", "")
+    # Only text is kept: str() of a deeply nested value could itself overflow the stack.
+    raise RemoteError(code if isinstance(code, str) else HANDLER_ERROR,
+                      message if isinstance(message, str) else "malformed error reply")

@@ -14,6 +14,15 @@ class Echo(BaseAgent):
         return {"echo": request, "by": self.instance}
 
 
+class Strict(BaseAgent):
+    """Takes only {"n": <int>} and says so (ValueError) for any other JSON."""
+
+    def handle(self, request: Any) -> Any:
+        if not isinstance(request, dict) or type(request.get("n")) is not int:
+            raise ValueError('expected {"n": <int>}')
+        return {"n": request["n"] + 1}
+
+
 class Slow(BaseAgent):
     """Sleeps as long as the request says; records that it finished."""
 
