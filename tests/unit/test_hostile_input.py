@@ -290,3 +290,35 @@ def test_any_frames_are_answered_and_the_host_serves_on(ctx: zmq.Context[zmq.Soc
 def test_decoding_any_frames_gives_a_result_or_a_remote_error(frames: list[bytes]) -> None:
     with contextlib.suppress(protocol.RemoteError):  # anything else raised fails the test
         protocol.decode_reply(frames)
+
+
+def test_made_up_agent_names_never_become_metric_labels(
+        ctx: zmq.Context[zmq.Socket[bytes]], host: AgentHost) -> None:
+    """Else a flood of names would grow the host's series, and its memory, without bound."""
+    with dealer(ctx, host) as sock:
+        for n in range(20):
+            ask(sock, [f"made-up-{n}".encode(), b"{}"])
+    labels = {s.labels["agent"] for m in host.metrics.registry.collect()
+              if m.name == "agentlink_request_errors" for s in m.samples}
+    assert labels <= {a.name for a in AGENTS} | {"?"}
+
+
+def test_the_serving_thread_survives_a_message_it_cannot_handle(
+        ctx: zmq.Context[zmq.Socket[bytes]], host: AgentHost,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in dispatch for one message is logged and counted, not the end of serving."""
+    reached: list[bool] = []
+
+    def explode(frames: list[bytes]) -> None:
+        reached.append(True)
+        raise RuntimeError("boom")
+
+    before = errors_counted(host, "?", protocol.INTERNAL)
+    monkeypatch.setattr(host, "_dispatch", explode)
+    with dealer(ctx, host) as sock:
+        sock.send_multipart([b"", b"A", b"{}"])
+        eventually(lambda: bool(reached))
+    monkeypatch.undo()
+    eventually(lambda: errors_counted(host, "?", protocol.INTERNAL) == before + 1)
+    assert serves(ctx, host)
+
