@@ -32,7 +32,7 @@ DURABLE_ERRORS = (*REDIS_ERRORS, redis.ReadOnlyError, StateNotReplicated)
 
 class Durable:
     def __init__(self, client: redis.Redis, replica_wait_ms: int = 300,
-                 outage_s: float = 8.0) -> None:
+                 outage_s: float = 15.0) -> None:
         self.client = client
         self.outage_s = outage_s
         # Below the client's socket timeout (0.5 s), so a slow replica is an answer, not a

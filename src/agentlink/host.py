@@ -110,7 +110,7 @@ class RedisState:
     acknowledged only once it would survive a failover (see agentlink.durable)."""
 
     def __init__(self, client: redis.Redis, agent: str, replica_wait_ms: int = 300,
-                 outage_s: float = 8.0) -> None:
+                 outage_s: float = 15.0) -> None:
         self.client = client
         self.durable = Durable(client, replica_wait_ms, outage_s)
         self.key = f"agentlink:state:{agent}"

@@ -41,7 +41,8 @@ def under_load(lab: Lab, fault: Callable[[], None], duration: float = 20.0) -> L
 
 
 def assert_nothing_lost(report: LoadReport) -> None:
-    assert report.failed == 0, report.summary()["failures"]
+    summary = report.summary()
+    assert report.failed == 0, (summary["failures"], summary["failure_examples"])
     assert report.unsent == 0
     assert report.lost == [], f"acknowledged writes lost: {report.lost[:5]}"
     assert report.verified == len(report.acknowledged) > 0
