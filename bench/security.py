@@ -22,6 +22,7 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import write_section
 from runtime import REQUEST, agent_host, per_call_us
 
 from agentlink import protocol
@@ -203,8 +205,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_docs(result: dict[str, Any]) -> None:
-    from docs_section import write_section
-
     (DOCS / "benchmarks-security.json").write_text(json.dumps(result, indent=2) + "\n")
     write_section("security", "Security", markdown(result))
 
@@ -214,8 +214,6 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=2000, help="messages per hostile kind")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
-    from datetime import date
-
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         secrets = workdir / "secrets"

@@ -30,9 +30,15 @@ class StateNotReplicated(RuntimeError):
 DURABLE_ERRORS = (*REDIS_ERRORS, redis.ReadOnlyError, StateNotReplicated)
 
 
+# How long a replica may take to confirm a write, and how long an outage is ridden out (a
+# failover, with one failed Sentinel election retried after 8 s, fits in it).
+REPLICA_WAIT_MS = 300
+OUTAGE_S = 15.0
+
+
 class Durable:
-    def __init__(self, client: redis.Redis, replica_wait_ms: int = 300,
-                 outage_s: float = 15.0) -> None:
+    def __init__(self, client: redis.Redis, replica_wait_ms: int = REPLICA_WAIT_MS,
+                 outage_s: float = OUTAGE_S) -> None:
         self.client = client
         self.outage_s = outage_s
         # Below the client's socket timeout (0.5 s), so a slow replica is an answer, not a

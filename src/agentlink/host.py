@@ -37,7 +37,7 @@ from agentlink.agent import (
     evaluate_health,
 )
 from agentlink.client import FailoverClient
-from agentlink.durable import DURABLE_ERRORS, Durable
+from agentlink.durable import DURABLE_ERRORS, OUTAGE_S, REPLICA_WAIT_MS, Durable
 from agentlink.idempotency import Idempotency
 from agentlink.metrics import HostMetrics
 from agentlink.pool import get_pool
@@ -109,8 +109,8 @@ class RedisState:
     """An agent's state in one Redis hash, shared by all its replicas; every write is
     acknowledged only once it would survive a failover (see agentlink.durable)."""
 
-    def __init__(self, client: redis.Redis, agent: str, replica_wait_ms: int = 300,
-                 outage_s: float = 15.0) -> None:
+    def __init__(self, client: redis.Redis, agent: str, replica_wait_ms: int = REPLICA_WAIT_MS,
+                 outage_s: float = OUTAGE_S) -> None:
         self.client = client
         self.durable = Durable(client, replica_wait_ms, outage_s)
         self.key = f"agentlink:state:{agent}"
@@ -383,8 +383,9 @@ class AgentHost:
                          "expected frames: agent name, JSON body[, key]")
             return
         ident, _, target, body, *key = frames
-        name = target.decode(errors="replace")[:MAX_NAME_ECHO]
-        slot = self.slots.get(target.decode(errors="replace"))
+        wanted = target.decode(errors="replace")
+        name = wanted[:MAX_NAME_ECHO]
+        slot = self.slots.get(wanted)
         if slot is None:
             self._refuse(ident, "?", protocol.UNKNOWN_AGENT,
                          f"{name} is not served by group {self.config.group}")
