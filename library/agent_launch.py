@@ -23,7 +23,8 @@ options:
     description:
       - Per machine name, how to run its containers. Keys C(image), C(config_dir),
         C(address) (where the controller reaches the machine's ports), and optionally
-        C(docker_host), C(network_mode), C(env), C(config_checksum), C(restart_policy).
+        C(docker_host), C(network_mode), C(env), C(config_checksum), C(restart_policy),
+        C(ssh_args) (for an C(ssh://) docker_host, the SSH options Ansible uses there).
     type: dict
     required: true
   state:

@@ -8,6 +8,7 @@ are no longer in the topology are removed after a successful launch.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 from typing import Any
 
@@ -31,9 +32,12 @@ def machine_specs(machines: dict[str, dict[str, Any]], topology: Topology
 
 def open_deployment(topology_path: str, machines: dict[str, dict[str, Any]], prefix: str
                     ) -> tuple[Topology, DockerBackend]:
-    """The topology and the Docker backend of its machines, as the modules get them."""
+    """The topology and the Docker backend of its machines, as the modules get them; the
+    backend's connections (SSH forwards included) close when the process ends."""
     topology = load(topology_path)
-    return topology, DockerBackend(machine_specs(machines, topology), prefix=prefix)
+    backend = DockerBackend(machine_specs(machines, topology), prefix=prefix)
+    atexit.register(backend.close)
+    return topology, backend
 
 
 def module_failure(err: Exception) -> dict[str, Any] | None:

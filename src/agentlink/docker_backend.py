@@ -1,7 +1,8 @@
 """The Docker backend of the launcher: one container per agent host, on each machine's engine.
 
-A machine is a Docker engine (local socket, or ssh:// to a real host) plus how its
-containers reach the network: `host` on a real machine, or `container:<anchor>` in the lab,
+A machine is a Docker engine (local socket, or ssh:// to a real host, reached through
+agentlink.docker_ssh with the machine's SSH options) plus how its containers reach the
+network: `host` on a real machine, or `container:<anchor>` in the lab,
 where one small anchor container per machine owns the machine's address and port space.
 Either way every container of a machine shares one address, so configs are the same.
 
@@ -22,6 +23,7 @@ import docker
 from docker.errors import DockerException, NotFound
 from docker.models.containers import Container
 
+from agentlink.docker_ssh import SSHForward
 from agentlink.launch import Unit
 from agentlink.security import container_mounts
 from agentlink.status import fetch_health
@@ -58,6 +60,7 @@ class MachineSpec:
     config_checksum: str = ""  # of the rendered configs: a change recreates containers
     secret_dir: str = ""  # on that machine: keys and passwords (roles/secrets); "" for none
     restart_policy: str = "unless-stopped"
+    ssh_args: str = ""  # for an ssh:// docker_host: the key, port, options Ansible uses
 
 
 class DockerBackend:
@@ -67,15 +70,48 @@ class DockerBackend:
         self.prefix = prefix
         self.stop_timeout = stop_timeout
         self._clients: dict[str, docker.DockerClient] = {}
-        self._lock = threading.Lock()
+        self._forwards: dict[str, SSHForward] = {}  # docker_host -> its SSH forward
+        # One lock per engine: connecting to a machine the LAN lost holds up no other.
+        self._locks = {spec.docker_host: threading.Lock() for spec in machines.values()}
 
     def client(self, machine: str) -> docker.DockerClient:
+        """The machine's engine; over SSH, a forward that died (the LAN dropped it) is made
+        again, so a call after the network came back works."""
         url = self.machines[machine].docker_host
-        with self._lock:
-            if url not in self._clients:
-                self._clients[url] = docker.DockerClient(base_url=url, timeout=60,
-                                                         use_ssh_client=url.startswith("ssh://"))
+        with self._locks[url]:
+            forward = self._forwards.get(url)
+            if url in self._clients and (forward is None or forward.alive()):
+                return self._clients[url]
+            self._disconnect(url)
+            self._clients[url] = docker.DockerClient(base_url=self._connect(machine), timeout=60)
             return self._clients[url]
+
+    def _connect(self, machine: str) -> str:
+        spec = self.machines[machine]
+        if not spec.docker_host.startswith("ssh://"):
+            return spec.docker_host
+        forward = SSHForward(spec.docker_host, spec.ssh_args)
+        url = forward.open()
+        self._forwards[spec.docker_host] = forward
+        return url
+
+    def _disconnect(self, url: str) -> None:
+        if (client := self._clients.pop(url, None)) is not None:
+            client.close()
+        if (forward := self._forwards.pop(url, None)) is not None:
+            forward.close()
+
+    def close(self) -> None:
+        """Close every engine connection, and the SSH forwards they ride."""
+        for url, lock in self._locks.items():
+            with lock:
+                self._disconnect(url)
+
+    def __enter__(self) -> DockerBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def name(self, unit: Unit) -> str:
         return f"{self.prefix}-{unit.name}"
