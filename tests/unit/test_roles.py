@@ -45,7 +45,7 @@ def test_every_toolkit_yaml_file_parses(path: Path) -> None:
 
 def test_playbooks_pass_ansible_syntax_check() -> None:
     playbook = Path(sys.executable).parent / "ansible-playbook"
-    for name in ("site.yml", "playbooks/lab-down.yml"):
+    for name in ("site.yml", "playbooks/down.yml"):
         result = subprocess.run([str(playbook), "--syntax-check", name], cwd=ROOT,
                                 capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
