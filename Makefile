@@ -5,10 +5,13 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
-DEBIAN_PACKAGES := redis-server prometheus prometheus-alertmanager chromium chromium-driver
+# openssh-server and python3-docker: the hosts of molecule dual are made on this machine
+# (scripts/dual_hosts.py), and what they find installed is what this machine has.
+DEBIAN_PACKAGES := redis-server prometheus prometheus-alertmanager chromium chromium-driver \
+	openssh-server python3-docker
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/lab
 
-.PHONY: deploy test lint unit molecule down status bench bench-all bench-runtime bench-deploy bench-monitoring bench-ha bench-workflows bench-security system docker local-up local-down
+.PHONY: deploy test lint unit molecule down status bench bench-all bench-runtime bench-deploy bench-deploy-dual bench-monitoring bench-ha bench-workflows bench-security system docker local-up local-down
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -30,7 +33,7 @@ deploy: $(STAMP) system docker
 	@echo "      ansible-playbook site.yml -i inventory/dual (two real machines), make down"
 
 down: $(STAMP) docker
-	$(PLAYBOOK) playbooks/lab-down.yml
+	$(PLAYBOOK) playbooks/down.yml
 
 status: $(STAMP)
 	@$(PLAYBOOK) playbooks/verify.yml
@@ -51,10 +54,12 @@ unit: $(STAMP) system docker
 # Scenario default: deploy on the lab, converge again (must change nothing), verify, destroy.
 # Scenario failover: deploy, then faults under load (tests/failover), destroy.
 # Scenario upgrade: deploy, then rolling upgrades and a rollback under load (tests/upgrade).
+# Scenario dual: inventory/dual on three hosts made here (network and mount namespaces, own
+#   dockerd and sshd), deployed over SSH, then the same tests and the dual-only ones.
 # A failed scenario's failing tests are printed last, after its destroy.
 molecule: $(STAMP) system docker
 	@mkdir -p build
-	@for scenario in default failover upgrade; do \
+	@for scenario in default failover upgrade dual; do \
 	  rm -f build/verify-$$scenario.log; \
 	  PATH="$(abspath $(BIN)):$$PATH" $(BIN)/molecule test -s $$scenario && continue; \
 	  echo "molecule $$scenario failed; its tests said:"; \
@@ -69,6 +74,11 @@ bench-runtime: $(STAMP) system
 
 bench-deploy: $(STAMP) system docker
 	$(BIN)/python bench/deploy.py
+
+# The same on two machines over SSH: the dual harness's hosts, made anew (left deployed;
+# scripts/dual_hosts.py down removes them).
+bench-deploy-dual: $(STAMP) system docker
+	$(BIN)/python bench/deploy.py --dual
 
 # Needs the lab deployed (bench-deploy leaves it so): monitoring memory, scrapes, detection.
 bench-monitoring: $(STAMP) docker

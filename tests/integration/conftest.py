@@ -1,30 +1,100 @@
-"""The deployed lab, as the tests see it: addresses from the inventory, the topology."""
+"""The deployed system as the tests see it, for the inventory they are given.
+
+AGENTLINK_INVENTORY names it (default inventory/lab; molecule dual gives the dual harness's).
+Addresses, Docker engines, secrets and config paths are read from the inventory with
+Ansible's own inventory and templating, so the tests see what the playbooks saw. Faults are
+made the way each inventory allows: in the lab by Docker networks, on the dual harness's
+hosts by scripts/dual_hosts.py.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 import redis
-import yaml
+import testinfra
+from ansible.inventory.manager import InventoryManager
+from ansible.parsing.dataloader import DataLoader
+from ansible.template import Templar
+from ansible.vars.manager import VariableManager
+from docker.models.containers import Container
 
 from agentlink.client import operator_registry
+from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE, DockerBackend, MachineSpec
 from agentlink.registry import Registry
 from agentlink.security import operator_redis_auth
 from agentlink.topology import Topology, load
 
 ROOT = Path(__file__).resolve().parents[2]
+INVENTORY = Path(os.environ.get("AGENTLINK_INVENTORY") or ROOT / "inventory" / "lab")
+HARNESS = ROOT / "scripts" / "dual_hosts.py"
+HARNESS_INVENTORY = ROOT / "molecule" / "dual" / "inventory"
 
 
-@dataclass
-class Lab:
-    topology: Topology
-    addresses: dict[str, str]  # machine -> address, from inventory/lab
-    monitoring: str  # the machine that runs Prometheus and Alertmanager
-    witness: dict[str, str]  # machines that run only a Sentinel -> address
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    address: str
+    docker_host: str
+    ssh_args: str
+    config_dir: str
+    secret_dir: str
+
+
+def read_inventory(path: Path) -> tuple[dict[str, list[str]], dict[str, dict[str, Any]]]:
+    """Groups, and each machine's variables templated as a play would see them."""
+    loader = DataLoader()
+    inventory = InventoryManager(loader=loader, sources=[str(path)])
+    variables = VariableManager(loader=loader, inventory=inventory)
+    hosts = {}
+    for host in inventory.get_hosts("machines"):
+        found = variables.get_vars(host=host)
+        templar = Templar(loader=loader, variables=found)
+        hosts[host.name] = {name: templar.template(found[name]) for name in
+                            ("agentlink_address", "agentlink_lab", "agentlink_docker_host",
+                             "agentlink_config_dir", "agentlink_secret_dir",
+                             "agentlink_controller_secrets")}
+        hosts[host.name]["ssh_args"] = templar.template(
+            found.get("agentlink_docker_ssh_args", ""))
+    return inventory.get_groups_dict(), hosts
+
+
+class Deployment:
+    """One deployed inventory: its machines, their engines, and the faults the tests make."""
+
+    def __init__(self, inventory: Path) -> None:
+        groups, hosts = read_inventory(inventory)
+        self.inventory = inventory
+        self.topology: Topology = load(ROOT / "topology" / "agents.yml")
+        self.machines = {name: Machine(name, str(v["agentlink_address"]),
+                                       str(v["agentlink_docker_host"]), str(v["ssh_args"]),
+                                       str(v["agentlink_config_dir"]),
+                                       str(v["agentlink_secret_dir"]))
+                         for name, v in hosts.items()}
+        agent_machines = groups["agent_machines"]
+        # machine -> address: the agent machines, and those that only run a Sentinel
+        self.addresses = {m: self.machines[m].address for m in agent_machines}
+        self.witness = {m: s.address for m, s in self.machines.items() if m not in agent_machines}
+        self.monitoring = groups["monitoring"][0]
+        first = hosts[agent_machines[0]]
+        self.lab = bool(first["agentlink_lab"])
+        self.secrets = Path(str(first["agentlink_controller_secrets"]))
+        self.harness = inventory.resolve() == HARNESS_INVENTORY.resolve()
+        self._engines = DockerBackend({m: MachineSpec(name=m, image="", config_dir="",
+                                                      address=s.address,
+                                                      docker_host=s.docker_host,
+                                                      ssh_args=s.ssh_args)
+                                       for m, s in self.machines.items()})
+
+    # --- where things are ---------------------------------------------------------------
 
     @property
     def prometheus_url(self) -> str:
@@ -36,8 +106,7 @@ class Lab:
 
     @property
     def sentinels(self) -> list[str]:
-        every = [*self.addresses.values(), *self.witness.values()]
-        return [f"{address}:26379" for address in every]
+        return [f"{s.address}:26379" for s in self.machines.values()]
 
     def registry(self) -> Registry:
         return operator_registry({"sentinels": self.sentinels, "service": "agentlink"})
@@ -52,23 +121,116 @@ class Lab:
         return redis.Redis(host=address, port=26379, decode_responses=True,
                            **operator_redis_auth(sentinel=True))
 
+    # --- engines and containers -----------------------------------------------------------
+
+    def engine(self, machine: str) -> docker.DockerClient:
+        return self._engines.client(machine)
+
+    def containers(self, machine: str | None = None, label: str = LABEL_MACHINE,
+                   include_stopped: bool = False) -> list[Container]:
+        """The project's containers on one machine or on every one (running ones only,
+        unless include_stopped)."""
+        found = []
+        for name in [machine] if machine else self.machines:
+            found += self.engine(name).containers.list(
+                all=include_stopped, filters={"label": [f"{LABEL_MACHINE}={name}", label]})
+        return found
+
+    def container(self, name: str) -> Container:
+        """A project container by name (agentlink-<group>, agentlink-<machine>-<service>)."""
+        suffix = name.removeprefix("agentlink-")
+        group = self.topology.groups.get(suffix)
+        machine = group.machine if group else next(
+            (m for m in self.machines if suffix == m or suffix.startswith(f"{m}-")), None)
+        if machine is None:
+            raise KeyError(f"{name} is no container of this project")
+        return self.engine(machine).containers.get(name)
+
+    def host(self, machine: str) -> testinfra.host.Host:
+        """The machine itself, over the SSH Ansible uses (the lab's machines: this one)."""
+        if self.lab:
+            return testinfra.get_host("local://")
+        return testinfra.get_host(f"ansible://{machine}",
+                                  ansible_inventory=str(self.inventory))
+
+    # --- faults ---------------------------------------------------------------------------
+
+    def cut(self, machine: str) -> None:
+        """Cut the machine off the LAN: packets dropped, connections hang."""
+        if self.lab:
+            self._lan().disconnect(self._anchor(machine))
+        else:
+            self._harness("cut", machine)
+
+    def heal(self, machine: str) -> None:
+        if self.lab:
+            self._lan().connect(self._anchor(machine), ipv4_address=self.addresses[machine],
+                                aliases=[machine])
+        else:
+            self._harness("heal", machine)
+
+    def stop(self, machine: str) -> list[Container]:
+        """Lose the machine: stop every container of it (the lab's anchor last); what start()
+        takes to bring it back."""
+        running = sorted(self.containers(machine), key=lambda c: c.name == f"agentlink-{machine}")
+        for container in running:
+            container.stop(timeout=5)
+        return running
+
+    @staticmethod
+    def start(stopped: list[Container]) -> None:
+        for container in reversed(stopped):
+            container.start()
+
+    def _lan(self) -> Any:
+        return docker.from_env().networks.get("agentlink-lan")
+
+    def _anchor(self, machine: str) -> Container:
+        return docker.from_env().containers.get(f"agentlink-{machine}")
+
+    def _harness(self, action: str, machine: str) -> None:
+        if not self.harness:
+            pytest.skip(f"{self.inventory} is real machines: the tests do not cut them off")
+        subprocess.run([sys.executable, str(HARNESS), action, machine], check=True,
+                       capture_output=True, text=True)
+
+    # --- the toolkit on this inventory ---------------------------------------------------
+
+    def playbook(self, playbook: str, *args: str, timeout: float = 900
+                 ) -> subprocess.CompletedProcess[str]:
+        command = [str(Path(sys.executable).parent / "ansible-playbook"), playbook,
+                   "-i", str(self.inventory), *args]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False,
+                              timeout=timeout)
+
+    def close(self) -> None:
+        self._engines.close()
+
+
+def agent_hosts(deployed: Deployment) -> dict[str, str]:
+    """Every agent host container of the deployment: name -> the image it runs."""
+    return {c.name: c.attrs["Config"]["Image"]
+            for c in deployed.containers(label=LABEL_GROUP, include_stopped=True)}
+
 
 @pytest.fixture(scope="session")
-def lab() -> Lab:
-    """The running lab; skipped when none is deployed, a failure under molecule verify."""
+def deployed() -> Iterator[Deployment]:
+    """The deployed inventory; skipped when it is not deployed, a failure under molecule."""
+    deployment = Deployment(INVENTORY)
     try:
-        docker.from_env().containers.get("agentlink-mainpc-core")
-    except docker.errors.DockerException as err:
+        deployment.container(f"agentlink-{next(iter(deployment.topology.groups))}")
+    except (docker.errors.DockerException, OSError) as err:
+        deployment.close()
         if os.environ.get("AGENTLINK_REQUIRE_LAB"):
-            pytest.fail(f"the lab must be deployed here: {err}")
-        pytest.skip(f"no lab deployed ({err}); make deploy first")
-    hosts = yaml.safe_load((ROOT / "inventory" / "lab" / "hosts.yml").read_text())
-    groups = hosts["all"]["children"]
-    machines = groups["machines"]["children"]
-    address = {name: vars_["agentlink_address"] for group in machines.values()
-               for name, vars_ in group["hosts"].items()}
-    agent_machines = set(machines["agent_machines"]["hosts"])
-    return Lab(load(ROOT / "topology" / "agents.yml"),
-               {m: a for m, a in address.items() if m in agent_machines},
-               monitoring=next(iter(groups["monitoring"]["hosts"])),
-               witness={m: a for m, a in address.items() if m not in agent_machines})
+            pytest.fail(f"{INVENTORY} must be deployed: {err}")
+        pytest.skip(f"{INVENTORY} is not deployed ({err}); make deploy first")
+    # The operator's credentials and CURVE key of this inventory, for this process and the
+    # commands it runs (agentlink status).
+    previous = os.environ.get("AGENTLINK_SECRETS")
+    os.environ["AGENTLINK_SECRETS"] = str(deployment.secrets)
+    yield deployment
+    deployment.close()
+    if previous is None:
+        os.environ.pop("AGENTLINK_SECRETS", None)
+    else:
+        os.environ["AGENTLINK_SECRETS"] = previous

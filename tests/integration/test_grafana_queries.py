@@ -1,4 +1,4 @@
-"""Every query of every generated dashboard returns data from the lab's Prometheus: a panel
+"""Every query of every generated dashboard returns data from the deployed Prometheus: a panel
 that shows "No data" on a healthy system is a broken panel."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from agentlink.dashboards import dashboards
 from agentlink.topology import load
 
-from .conftest import ROOT, Lab
+from .conftest import ROOT, Deployment
 
 QUERIES = [
     pytest.param(doc["uid"], panel["title"], target["expr"],
@@ -39,9 +39,9 @@ def instant_query(prometheus_url: str, expr: str) -> Any:
 
 
 @pytest.mark.parametrize(("dashboard", "panel", "expr"), QUERIES)
-def test_every_panel_query_returns_data(lab: Lab, dashboard: str, panel: str,
+def test_every_panel_query_returns_data(deployed: Deployment, dashboard: str, panel: str,
                                         expr: str) -> None:
-    answer = instant_query(lab.prometheus_url, concrete(expr))
+    answer = instant_query(deployed.prometheus_url, concrete(expr))
     where = f"dashboard {dashboard}, panel '{panel}', expr {concrete(expr)}"
     assert answer["status"] == "success", f"{where}: {answer}"
     assert answer["data"]["result"], f"{where}: no data"

@@ -1,4 +1,5 @@
-"""The deployed lab: containers, configs, health, registry, Redis HA wiring, real traffic."""
+"""The deployed system (lab or two machines): containers, configs, health, registry, Redis HA
+wiring, real traffic."""
 
 from __future__ import annotations
 
@@ -8,23 +9,20 @@ import re
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
-import testinfra
 
 from agentlink.client import FailoverClient
 from agentlink.docker_backend import MIN_MEMORY_MB
 
-from .conftest import ROOT, Lab
+from .conftest import ROOT, Deployment
 
 IPV4 = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])")
 
 
-def groups(lab: Lab) -> list[str]:
-    return sorted(lab.topology.groups)
+def groups(deployed: Deployment) -> list[str]:
+    return sorted(deployed.topology.groups)
 
 
 def get_json(url: str) -> Any:
@@ -32,20 +30,27 @@ def get_json(url: str) -> Any:
         return json.load(response)
 
 
+def run_in(deployed: Deployment, container: str, *argv: str) -> tuple[int, str]:
+    result = deployed.container(container).exec_run(list(argv))
+    return result.exit_code, result.output.decode(errors="replace").strip()
+
+
 @pytest.mark.parametrize("group", ["mainpc-core", "pc2-monitoring"])
-def test_agent_host_runs_as_non_root_with_its_config_read_only(lab: Lab, group: str) -> None:
-    host = testinfra.get_host(f"docker://agentlink-{group}")
-    assert host.check_output("id -un") == "agentlink"
-    assert host.file("/etc/agentlink/startup_config.yaml").exists
-    mounts = host.file("/proc/mounts").content_string
+def test_agent_host_runs_as_non_root_with_its_config_read_only(deployed: Deployment,
+                                                              group: str) -> None:
+    name = f"agentlink-{group}"
+    assert run_in(deployed, name, "id", "-un") == (0, "agentlink")
+    assert run_in(deployed, name, "test", "-f", "/etc/agentlink/startup_config.yaml")[0] == 0
+    mounts = run_in(deployed, name, "cat", "/proc/mounts")[1]
     line = next(m for m in mounts.splitlines() if " /etc/agentlink " in m)
-    assert " ro," in line or line.split()[3].startswith("ro")
-    assert not host.exists("pip") and not host.exists("gcc")  # a runtime image, no tools
+    assert line.split()[3].split(",")[0] == "ro"
+    for tool in ("pip", "gcc"):  # a runtime image, no tools
+        assert run_in(deployed, name, "sh", "-c", f"command -v {tool}")[0] != 0
 
 
-def test_every_group_answers_healthy_with_all_its_instances(lab: Lab) -> None:
-    for group in lab.topology.groups.values():
-        url = f"http://{lab.addresses[group.machine]}:{group.http_port}"
+def test_every_group_answers_healthy_with_all_its_instances(deployed: Deployment) -> None:
+    for group in deployed.topology.groups.values():
+        url = f"http://{deployed.addresses[group.machine]}:{group.http_port}"
         health = get_json(f"{url}/health")
         assert health["state"] == "healthy", (group.name, health)
         assert set(health["agents"]) == {i.id for i in group.instances}
@@ -53,31 +58,31 @@ def test_every_group_answers_healthy_with_all_its_instances(lab: Lab) -> None:
             assert b"agentlink_requests_total" in response.read()
 
 
-def test_status_reports_every_instance_serving(lab: Lab) -> None:
-    args = [arg for s in lab.sentinels for arg in ("--sentinel", s)]
+def test_status_reports_every_instance_serving(deployed: Deployment) -> None:
+    args = [arg for s in deployed.sentinels for arg in ("--sentinel", s)]
     result = subprocess.run([sys.executable, "-m", "agentlink", "status", "--json", "--file",
                              str(ROOT / "topology" / "agents.yml"), *args],
                             capture_output=True, text=True, check=False, timeout=60)
     report = json.loads(result.stdout)
     assert result.returncode == 0
-    assert report["serving"] == report["total"] == len(lab.topology.instances)
+    assert report["serving"] == report["total"] == len(deployed.topology.instances)
 
 
-def test_redis_replicates_and_three_sentinels_agree_on_the_primary(lab: Lab) -> None:
+def test_redis_replicates_and_three_sentinels_agree_on_the_primary(deployed: Deployment) -> None:
     answers = set()
-    for address in [*lab.addresses.values(), *lab.witness.values()]:
-        master = lab.sentinel(address).sentinel_master("agentlink")
+    for address in [*deployed.addresses.values(), *deployed.witness.values()]:
+        master = deployed.sentinel(address).sentinel_master("agentlink")
         assert master["num-other-sentinels"] == 2  # the witness counts towards quorum
         answers.add(master["ip"])
     assert len(answers) == 1  # mainpc after a first deploy; whoever won after a failover
     primary = answers.pop()
-    replica = next(a for a in lab.addresses.values() if a != primary)
-    info = lab.redis(replica).info("replication")
+    replica = next(a for a in deployed.addresses.values() if a != primary)
+    info = deployed.redis(replica).info("replication")
     assert info["role"] == "slave" and info["master_host"] == primary
 
 
-def test_a_request_crosses_machines_through_the_coordinator(lab: Lab) -> None:
-    client = FailoverClient(lab.registry(), stateful={"MemoryOrchestratorService"})
+def test_a_request_crosses_machines_through_the_coordinator(deployed: Deployment) -> None:
+    client = FailoverClient(deployed.registry(), stateful={"MemoryOrchestratorService"})
     reply = client.call("RequestCoordinator", {"agent": "SystemHealthManager", "payload": {}})
     assert reply["result"]["resources"]["machine"] == "pc2"  # answered on pc2
     stored = client.call("MemoryOrchestratorService",
@@ -87,24 +92,32 @@ def test_a_request_crosses_machines_through_the_coordinator(lab: Lab) -> None:
     assert got["value"] == [1, 2] and got["by"] == stored["by"]  # sticky by key
 
 
-def test_containers_carry_the_topology_limits_and_a_restart_policy(lab: Lab) -> None:
-    client = docker.from_env()
-    for group in lab.topology.groups.values():
-        config = client.containers.get(f"agentlink-{group.name}").attrs["HostConfig"]
+def test_containers_carry_the_topology_limits_and_a_restart_policy(deployed: Deployment
+                                                                  ) -> None:
+    for group in deployed.topology.groups.values():
+        config = deployed.container(f"agentlink-{group.name}").attrs["HostConfig"]
         assert config["Memory"] == (MIN_MEMORY_MB + int(group.memory_mb)) * 2**20
         assert config["NanoCpus"] > 0
         assert config["RestartPolicy"]["Name"] == "unless-stopped"
 
 
-def test_no_address_but_the_inventory_s_in_containers_or_configs(lab: Lab) -> None:
-    allowed = {*lab.addresses.values(), *lab.witness.values()}
-    client = docker.from_env()
-    for group in lab.topology.groups.values():
-        env = client.containers.get(f"agentlink-{group.name}").attrs["Config"]["Env"]
+def test_no_address_but_the_inventory_s_in_containers_or_configs(deployed: Deployment
+                                                                 ) -> None:
+    allowed = {*deployed.addresses.values(), *deployed.witness.values()}
+    for group in deployed.topology.groups.values():
+        env = deployed.container(f"agentlink-{group.name}").attrs["Config"]["Env"]
         found = {ip for var in env for ip in IPV4.findall(var)
                  if ipaddress.ip_address(ip)}
         assert found <= allowed, (group.name, found)
-    for path in Path(ROOT / ".lab").rglob("*"):
-        if path.is_file():
+    files: set[str] = set()
+    for machine in deployed.machines.values():
+        # Every line of every rendered file of the machine, as path:line, in one command.
+        lines = deployed.host(machine.name).check_output(
+            f"find {machine.config_dir} {machine.secret_dir} -type f -exec grep -H '' {{}} +")
+        for line in lines.splitlines():
+            path, _, text = line.partition(":")
+            files.add(f"{machine.name}:{path}")
             # Loopback is no machine's address: Redis and Sentinel also bind it.
-            assert set(IPV4.findall(path.read_text())) <= allowed | {"127.0.0.1"}, path
+            found = set(IPV4.findall(text))
+            assert found <= allowed | {"127.0.0.1"}, (machine.name, path, found)
+    assert len(files) > 2 * len(deployed.machines)

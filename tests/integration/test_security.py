@@ -1,6 +1,7 @@
-"""Security of the deployed lab: Redis and Sentinel refuse anonymous clients, ZeroMQ refuses
-clients without a known key, every container runs with least privilege, the Docker API is
-not on TCP, and no secret is in an image, a container's settings or logs, or a play's output."""
+"""Security of the deployed system (lab or two machines): Redis and Sentinel refuse anonymous
+clients, ZeroMQ refuses clients without a known key, every container runs with least
+privilege, the Docker API is not on TCP, and no secret is in an image, a container's settings
+or logs, or a play's output."""
 
 from __future__ import annotations
 
@@ -12,83 +13,91 @@ import docker
 import pytest
 import redis
 import zmq
-from docker.models.containers import Container
+from docker.models.images import Image
 
 from agentlink import protocol
 from agentlink.pool import Pool, RequestTimeout
 from agentlink.security import PASSWORDS, CurveKeys, operator_keys, operator_secrets_dir
 
-from .conftest import Lab
+from .conftest import Deployment
 
 GROUP = "mainpc-core"
 
 
-def project_containers() -> list[Container]:
-    return docker.from_env().containers.list(filters={"label": "io.agentlink.machine"})
+def endpoint(deployed: Deployment, group: str = GROUP) -> str:
+    spec = deployed.topology.groups[group]
+    return f"tcp://{deployed.addresses[spec.machine]}:{spec.port}"
 
 
-def endpoint(lab: Lab, group: str = GROUP) -> str:
-    spec = lab.topology.groups[group]
-    return f"tcp://{lab.addresses[spec.machine]}:{spec.port}"
-
-
-def ask(lab: Lab, keys: CurveKeys | None) -> list[bytes]:
+def ask(deployed: Deployment, keys: CurveKeys | None) -> list[bytes]:
     """A reply of any kind (an error reply too) means the connection was accepted."""
     pool = Pool()
     pool.keys = keys
-    agent = lab.topology.groups[GROUP].instances[0].agent.name
+    agent = deployed.topology.groups[GROUP].instances[0].agent.name
     try:
-        return pool.request(endpoint(lab), protocol.encode_request(agent, {}), timeout=2.0,
+        return pool.request(endpoint(deployed), protocol.encode_request(agent, {}), timeout=2.0,
                             server=GROUP)
     finally:
         pool.close()
 
 
-def test_redis_and_sentinel_refuse_clients_without_credentials(lab: Lab) -> None:
-    address = lab.addresses["mainpc"]
+def test_redis_and_sentinel_refuse_clients_without_credentials(deployed: Deployment) -> None:
+    address = deployed.addresses["mainpc"]
     for port in (6379, 26379):
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host=address, port=port).ping()
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host=address, port=6379, username="default", password="").ping()
-    assert lab.redis(address).ping()  # the same with the operator's credentials
+    assert deployed.redis(address).ping()  # the same with the operator's credentials
 
 
-def test_each_redis_user_can_do_only_its_role(lab: Lab) -> None:
-    agents = lab.redis(lab.addresses["mainpc"])
+def test_each_redis_user_can_do_only_its_role(deployed: Deployment) -> None:
+    agents = deployed.redis(deployed.addresses["mainpc"])
     for command in (("CONFIG", "GET", "bind"), ("FLUSHALL",), ("KEYS", "*"),
                     ("GET", "not-ours")):
         with pytest.raises(redis.exceptions.NoPermissionError):
             agents.execute_command(*command)
     password = (operator_secrets_dir() / "redis-monitoring").read_text().strip()
-    monitoring = redis.Redis(host=lab.addresses["mainpc"], port=6379, username="monitoring",
+    monitoring = redis.Redis(host=deployed.addresses["mainpc"], port=6379, username="monitoring",
                              password=password)
     assert monitoring.info("server")["redis_version"]
     with pytest.raises(redis.exceptions.NoPermissionError):
         monitoring.set("agentlink:probe", "1")
 
 
-def test_redis_listens_only_on_the_machine_address_and_loopback(lab: Lab) -> None:
-    """The anchor has a second address (its machine network): Redis is not reachable there."""
-    anchor = docker.from_env().containers.get("agentlink-mainpc")
-    other = anchor.attrs["NetworkSettings"]["Networks"]["agentlink-mainpc-net"]["IPAddress"]
-    with pytest.raises(redis.ConnectionError):
-        redis.Redis(host=other, port=6379, socket_connect_timeout=2).ping()
+def test_redis_listens_only_on_the_machine_address_and_loopback(deployed: Deployment) -> None:
+    """The machine has another address (the lab anchor's machine network; a real machine's
+    docker0): Redis is not reachable there, from the machine itself."""
+    host, address = deployed.host("mainpc"), deployed.addresses["mainpc"]
+    if deployed.lab:
+        anchor = deployed.container("agentlink-mainpc").attrs["NetworkSettings"]["Networks"]
+        others = [anchor["agentlink-mainpc-net"]["IPAddress"]]
+    else:
+        others = [a.split("/")[0] for a in host.check_output(
+            "ip -4 -o addr show | awk '{print $4}'").split()]
+        others = [a for a in others if a != address and not a.startswith("127.")]
+    assert others
+
+    def answers(at: str) -> bool:
+        return host.run(f"timeout 2 bash -c '</dev/tcp/{at}/6379'").rc == 0
+
+    assert answers(address)  # the probe works: Redis is there
+    assert not any(answers(other) for other in others), others
 
 
-def test_zeromq_serves_only_clients_with_a_known_key(lab: Lab) -> None:
+def test_zeromq_serves_only_clients_with_a_known_key(deployed: Deployment) -> None:
     operator = operator_keys()
     assert operator is not None, f"no operator key in {operator_secrets_dir()}"
-    assert ask(lab, operator)  # known: answered
+    assert ask(deployed, operator)  # known: answered
     with pytest.raises(RequestTimeout):
-        ask(lab, None)  # plain TCP: the CURVE handshake never completes
+        ask(deployed, None)  # plain TCP: the CURVE handshake never completes
     public, secret = zmq.curve_keypair()
     with pytest.raises(RequestTimeout):
-        ask(lab, CurveKeys(public, secret, operator.known, operator.known_dir))
+        ask(deployed, CurveKeys(public, secret, operator.known, operator.known_dir))
 
 
-def test_every_container_runs_with_least_privilege() -> None:
-    containers = project_containers()
+def test_every_container_runs_with_least_privilege(deployed: Deployment) -> None:
+    containers = deployed.containers()
     assert len(containers) > 10
     for container in containers:
         config, host = container.attrs["Config"], container.attrs["HostConfig"]
@@ -100,8 +109,8 @@ def test_every_container_runs_with_least_privilege() -> None:
         assert not host["Privileged"], container.name
 
 
-def test_writing_to_a_root_filesystem_fails_and_tmp_works() -> None:
-    container = docker.from_env().containers.get(f"agentlink-{GROUP}")
+def test_writing_to_a_root_filesystem_fails_and_tmp_works(deployed: Deployment) -> None:
+    container = deployed.container(f"agentlink-{GROUP}")
     denied = container.exec_run(["touch", "/opt/probe"])
     assert denied.exit_code != 0 and b"Read-only file system" in denied.output
     assert container.exec_run(["touch", "/tmp/probe"]).exit_code == 0
@@ -155,22 +164,28 @@ def test_the_scan_finds_a_planted_secret(secrets: list[bytes]) -> None:
         assert_clean("planted", planted, secrets)
 
 
-def test_no_secret_in_any_image(secrets: list[bytes]) -> None:
-    client = docker.from_env()
-    images = {c.image.id: c.image for c in project_containers()}
-    for image in images.values():
-        assert_clean(f"{image.tags} settings", iter([repr(image.attrs).encode(),
-                                                    repr(image.history()).encode()]), secrets)
-        # Every file of every layer, as `docker export` of a container of it gives them.
-        probe = client.containers.create(image.id, command=["true"])
-        try:
-            assert_clean(f"{image.tags} files", probe.export(chunk_size=1 << 20), secrets)
-        finally:
-            probe.remove()
+def test_no_secret_in_any_image(deployed: Deployment, secrets: list[bytes]) -> None:
+    """Every image every machine runs, read from that machine's engine."""
+    for machine in deployed.machines:
+        client = deployed.engine(machine)
+        for image in {c.image.id: c.image for c in deployed.containers(machine)}.values():
+            assert_image_clean(client, image, secrets)
 
 
-def test_no_secret_in_container_settings_or_logs(secrets: list[bytes]) -> None:
-    for container in project_containers():
+def assert_image_clean(client: docker.DockerClient, image: Image, secrets: list[bytes]) -> None:
+    assert_clean(f"{image.tags} settings", iter([repr(image.attrs).encode(),
+                                                repr(image.history()).encode()]), secrets)
+    # Every file of every layer, as `docker export` of a container of it gives them.
+    probe = client.containers.create(image.id, command=["true"])
+    try:
+        assert_clean(f"{image.tags} files", probe.export(chunk_size=1 << 20), secrets)
+    finally:
+        probe.remove()
+
+
+def test_no_secret_in_container_settings_or_logs(deployed: Deployment,
+                                                secrets: list[bytes]) -> None:
+    for container in deployed.containers():
         assert_clean(f"{container.name} settings", iter([repr(container.attrs).encode()]),
                      secrets)
         assert_clean(f"{container.name} logs", iter([container.logs()]), secrets)

@@ -1,5 +1,5 @@
-"""The upgrade tests run against the deployed lab (molecule scenario `upgrade`)."""
+"""The upgrade tests run against a deployed inventory (molecule scenarios upgrade, dual)."""
 
-from tests.integration.conftest import Lab, lab
+from tests.integration.conftest import Deployment, deployed
 
-__all__ = ["Lab", "lab"]
+__all__ = ["Deployment", "deployed"]

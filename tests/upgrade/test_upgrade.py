@@ -1,12 +1,11 @@
-"""Rolling upgrades on the deployed lab (molecule scenario `upgrade`), in order: the running
-release (v1) to v2 under load, again to v2 (no change), --check to v3, then to a v3 whose
-agents never get healthy, which must roll back to v2 and stop. Under load no request fails
+"""Rolling upgrades on the deployed system (molecule scenarios upgrade and dual), in order:
+the running release (v1) to v2 under load, again to v2 (no change), --check to v3, then to a
+v3 whose agents never get healthy, which must roll back to v2 and stop. Under load no request fails
 and no acknowledged write is lost."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,25 +16,20 @@ from agentlink.client import FailoverClient
 from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE
 from agentlink.load import MEMORY, BackgroundLoad, LoadReport, LoadSpec
 from tests.failover.test_faults import TARGETS, assert_nothing_lost, serving
+from tests.integration.conftest import agent_hosts
 
-from .conftest import Lab
+from .conftest import Deployment
 
-ROOT = Path(__file__).resolve().parents[2]
 RELEASES = Path(__file__).parent / "releases"
 
 
-def hosts() -> dict[str, str]:
-    """Every agent host container of the lab: name -> the image it runs."""
-    found = docker.from_env().containers.list(all=True, filters={"label": LABEL_GROUP})
-    return {c.name: c.attrs["Config"]["Image"] for c in found}
-
-
 @pytest.fixture(scope="module")
-def releases(lab: Lab) -> dict[str, dict[str, str]]:
-    """Images v2 and v3 of each agent machine, built on the running one; release -> images."""
+def releases(deployed: Deployment) -> dict[str, dict[str, str]]:
+    """Images v2 and v3 of each agent machine, built on the controller from the image that
+    machine runs (the playbook ships them); release -> images."""
     engine = docker.from_env()
     running = {c.labels[LABEL_MACHINE]: c.attrs["Config"]["Image"]
-               for c in engine.containers.list(filters={"label": LABEL_GROUP})}
+               for c in deployed.containers(label=LABEL_GROUP)}
     built: dict[str, dict[str, str]] = {"v1": running, "v2": {}, "v3": {}}
     for machine, v1 in running.items():
         for release, base in (("v2", v1), ("v3", f"agentlink/{machine}:v2")):
@@ -46,16 +40,13 @@ def releases(lab: Lab) -> dict[str, dict[str, str]]:
     return built
 
 
-def upgrade(*args: str) -> subprocess.CompletedProcess[str]:
-    playbook = Path(sys.executable).parent / "ansible-playbook"
-    return subprocess.run([str(playbook), "playbooks/upgrade.yml", "-i", "inventory/lab",
-                           *args], cwd=ROOT, capture_output=True, text=True, check=False,
-                          timeout=900)
+def upgrade(deployed: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    return deployed.playbook("playbooks/upgrade.yml", *args)
 
 
 @pytest.fixture
-def load(lab: Lab) -> Iterator[BackgroundLoad]:
-    client = FailoverClient(lab.registry(), stateful={MEMORY})
+def load(deployed: Deployment) -> Iterator[BackgroundLoad]:
+    client = FailoverClient(deployed.registry(), stateful={MEMORY})
     # A request may wait while a host without a replica is replaced: late, not failed.
     spec = LoadSpec(rate=40, duration=1800, workers=64, timeout=20.0, targets=TARGETS)
     with BackgroundLoad(client, spec) as running:
@@ -69,46 +60,46 @@ def finished(load: BackgroundLoad) -> LoadReport:
 
 
 def test_an_upgrade_to_v2_replaces_every_host_under_load_and_fails_no_request(
-        lab: Lab, releases: dict[str, dict[str, str]], load: BackgroundLoad) -> None:
-    before = hosts()
-    run = upgrade("-e", "upgrade_image_tag=v2")
+        deployed: Deployment, releases: dict[str, dict[str, str]], load: BackgroundLoad) -> None:
+    before = agent_hosts(deployed)
+    run = upgrade(deployed, "-e", "upgrade_image_tag=v2")
     report = finished(load)
     assert run.returncode == 0, run.stdout[-3000:]
-    after = hosts()
+    after = agent_hosts(deployed)
     assert set(after) == set(before)  # replaced, and nothing kept aside
     for name, image in after.items():
         machine = image.split("/")[1].split(":")[0]
         assert image == releases["v2"][machine], f"{name} runs {image}"
         assert f"{name.removeprefix('agentlink-')} now runs {image} and is healthy" in run.stdout
     assert_nothing_lost(report)
-    assert serving(lab)
+    assert serving(deployed)
 
 
 def test_an_upgrade_to_the_release_running_changes_nothing(
-        releases: dict[str, dict[str, str]]) -> None:
-    before = docker.from_env().containers.list(filters={"label": LABEL_GROUP})
-    run = upgrade("-e", "upgrade_image_tag=v2")
+        deployed: Deployment, releases: dict[str, dict[str, str]]) -> None:
+    before = deployed.containers(label=LABEL_GROUP)
+    run = upgrade(deployed, "-e", "upgrade_image_tag=v2")
     assert run.returncode == 0, run.stdout[-3000:]
     assert "nothing to upgrade" in run.stdout
     assert "changed=0" in run.stdout and "changed=1" not in run.stdout
-    after = docker.from_env().containers.list(filters={"label": LABEL_GROUP})
+    after = deployed.containers(label=LABEL_GROUP)
     assert sorted(c.id for c in after) == sorted(c.id for c in before)
 
 
 def test_check_mode_lists_the_hosts_it_would_replace_and_touches_none(
-        releases: dict[str, dict[str, str]]) -> None:
-    before = hosts()
-    run = upgrade("--check", "-e", "upgrade_image_tag=v3")
+        deployed: Deployment, releases: dict[str, dict[str, str]]) -> None:
+    before = agent_hosts(deployed)
+    run = upgrade(deployed, "--check", "-e", "upgrade_image_tag=v3")
     assert run.returncode == 0, run.stdout[-3000:]
     groups = sorted(name.removeprefix("agentlink-") for name in before)
     assert f"{len(groups)} host(s) to upgrade, one at a time" in run.stdout
     assert all(f"changed: [{group}]" in run.stdout for group in groups)
-    assert hosts() == before
+    assert agent_hosts(deployed) == before
 
 
 def test_a_release_that_never_gets_healthy_is_rolled_back_and_stops_the_upgrade(
-        lab: Lab, releases: dict[str, dict[str, str]], load: BackgroundLoad) -> None:
-    run = upgrade("-e", "upgrade_image_tag=v3")
+        deployed: Deployment, releases: dict[str, dict[str, str]], load: BackgroundLoad) -> None:
+    run = upgrade(deployed, "-e", "upgrade_image_tag=v3")
     report = finished(load)
     assert run.returncode != 0
     assert "did not become healthy within" in run.stdout
@@ -116,17 +107,18 @@ def test_a_release_that_never_gets_healthy_is_rolled_back_and_stops_the_upgrade(
     assert "rolled back to agentlink/" in run.stdout and ":v2: healthy again" in run.stdout
     assert "the upgrade stops here" in run.stdout
     # The first host was rolled back and no other was tried: all still run v2.
-    assert all(image.endswith(":v2") for image in hosts().values()), hosts()
+    running = agent_hosts(deployed)
+    assert all(image.endswith(":v2") for image in running.values()), running
     # SCAN, not KEYS: the agents' ACL user has no dangerous commands.
-    assert not list(lab.registry().client.scan_iter("agentlink:drain:*"))
+    assert not list(deployed.registry().client.scan_iter("agentlink:drain:*"))
     assert_nothing_lost(report)
-    assert serving(lab)
+    assert serving(deployed)
 
 
 def test_an_image_that_is_not_there_is_named_before_anything_changes(
-        releases: dict[str, dict[str, str]]) -> None:
-    before = hosts()
-    run = upgrade("-e", "upgrade_image_tag=v9")
+        deployed: Deployment, releases: dict[str, dict[str, str]]) -> None:
+    before = agent_hosts(deployed)
+    run = upgrade(deployed, "-e", "upgrade_image_tag=v9")
     assert run.returncode != 0
     assert "Not on this Docker engine: agentlink/mainpc:v9, agentlink/pc2:v9" in run.stdout
-    assert hosts() == before
+    assert agent_hosts(deployed) == before
