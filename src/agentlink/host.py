@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import socketserver
 import threading
 import time
 from collections.abc import Callable
@@ -506,6 +507,13 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's lookup of its own name (socket.getfqdn): where DNS is
+        slow or gone, that waited out the resolver (10 s) before every host could start."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):

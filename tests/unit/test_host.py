@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 from typing import Any
@@ -130,6 +131,18 @@ def test_health_and_metrics_over_http(redis_url: str) -> None:
                      "agentlink_agent_health", "agentlink_process_resident_memory_bytes",
                      "agentlink_pool_sockets", "agentlink_registry_heartbeats_total"):
             assert name in metrics
+
+
+def test_a_host_starts_without_asking_dns(redis_url: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where DNS is slow or gone (a LAN without its resolver), a lookup waits for seconds."""
+    def no_dns(*args: object) -> str:
+        raise AssertionError(f"the host asked DNS for {args}")
+
+    for name in ("getfqdn", "gethostbyaddr", "gethostbyname"):
+        monkeypatch.setattr(socket, name, no_dns)
+    with run_group([AgentSpec("A", ECHO)], redis_url) as host:
+        assert get(f"http://127.0.0.1:{host.config.http_port}/health")[0] == 200
 
 
 @pytest.mark.parametrize("answer,state,check", [
