@@ -5,9 +5,10 @@ Every host of the harness inventory (molecule/dual/inventory/hosts.yml: mainpc, 
 the witness) gets
   - a network namespace with its inventory address on a bridge that the three share with
     this machine (the controller), which takes the first address of the /24;
-  - a mount namespace in which /etc/agentlink, /etc/agentlink-secrets, /var/lib/docker,
-    /var/tmp, /tmp and /run (so the Docker socket) are its own, and the project and /root
-    (the controller's) are hidden; and a hostname of its own;
+  - a mount namespace in which /var/lib/docker, /var/tmp, /tmp and /run (so the Docker
+    socket) are its own, /etc is this machine's with the host's own changes over it (an
+    overlay: /etc/agentlink made there is the host's, and can be removed), and the project
+    and /root (the controller's) are hidden; and a hostname of its own;
   - its own dockerd and sshd, detached, logging to <root>/hosts/<host>/log/.
 Ansible and the Docker SDK reach the hosts over real SSH, as root, with a key made here.
 
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INVENTORY = ROOT / "molecule" / "dual" / "inventory" / "hosts.yml"
 BRIDGE = "agl-dual0"
 # Paths a real machine has of its own; each is bind-mounted from <root>/hosts/<host>/.
-OWN_DIRS = ("/etc/agentlink", "/etc/agentlink-secrets", "/var/lib/docker", "/var/tmp")
+OWN_DIRS = ("/var/lib/docker", "/var/tmp")
 # Mounts of this machine that a host must not hold on to (they would pin this machine's
 # containers, and /run holds this machine's Docker socket).
 HIDDEN_MOUNTS = ("/run", "/var/lib/docker")
@@ -168,7 +169,7 @@ def make_bridge(plan: Plan) -> None:
 
 def make_host(plan: Plan, host: Host) -> None:
     say(f"making {host.name} at {host.address}")
-    for sub in ("log", *(own_dir(d) for d in OWN_DIRS)):
+    for sub in ("log", "etc-upper", "etc-work", *(own_dir(d) for d in OWN_DIRS)):
         (host.home / sub).mkdir(parents=True, exist_ok=True)
     make_network(plan, host)
     make_namespaces(host)
@@ -200,20 +201,17 @@ def make_namespaces(host: Host) -> None:
     """A mount namespace (kept in a file) with the host's own directories, and a UTS one."""
     for kind in ("mnt", "uts"):
         host.ns_file(kind).touch()
-    for path in OWN_DIRS:
-        if not Path(path).exists():  # a mount point; `down` removes it again when empty
-            Path(path).mkdir(parents=True)
-            with (host.root / "made-mountpoints").open("a") as made:
-                made.write(path + "\n")
     hidden = "|".join(HIDDEN_MOUNTS)
     binds = "\n".join(f"mount --bind {host.home / own_dir(d)} {d}" for d in OWN_DIRS)
     hides = "\n".join(f"mount -t tmpfs -o mode=0700 tmpfs {d}" for d in CONTROLLER_ONLY)
+    etc = f"lowerdir=/etc,upperdir={host.home / 'etc-upper'},workdir={host.home / 'etc-work'}"
     script = f"""set -e
 findmnt -rn -o TARGET | grep -E '^({hidden})(/|$)' | sort -r | xargs -r -n1 umount -l
 umount -l {host.root / 'ns'}
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/sshd /run/docker
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t overlay overlay -o {etc} /etc
 {binds}
 {hides}
 hostname {host.name}
@@ -311,11 +309,6 @@ def down(plan: Plan, quiet: bool = False) -> None:
     while run("iptables", "-D", "FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT",
               check=False).returncode == 0:
         pass
-    made = plan.root / "made-mountpoints"
-    if made.exists():
-        for path in sorted(set(made.read_text().split()), reverse=True):
-            if Path(path).is_dir() and not any(Path(path).iterdir()):
-                Path(path).rmdir()
     if mounted(plan.root / "ns"):
         run("umount", str(plan.root / "ns"))
     if plan.root.exists():
