@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -59,17 +59,21 @@ def evaluate_health(checks: list[Check], starting: bool) -> Health:
 
 
 def checks_of(agent: BaseAgent) -> list[Check]:
-    """Run the agent's own checks; a check that raises is a failed check, not a crash."""
+    """Run the agent's own checks. A check that raises, or an answer that is not a mapping
+    of check names, is one failed check of this agent: never a crash of its host."""
     try:
         results = agent.check_health()
     except Exception as err:
         return [Check("check_health", "failed", f"{type(err).__name__}: {err}")]
+    if not isinstance(results, Mapping):
+        return [Check("check_health", "failed", f"returned {type(results).__name__} "
+                      f"{results!r:.80}, not a dict of named checks")]
     checks = []
     for name, value in results.items():
         if isinstance(value, Degraded):
-            checks.append(Check(name, "degraded", str(value)))
+            checks.append(Check(str(name), "degraded", str(value)))
         else:
-            checks.append(Check(name, "ok" if value else "failed"))
+            checks.append(Check(str(name), "ok" if value else "failed"))
     return checks
 
 

@@ -47,6 +47,8 @@ from agentlink.resources import host_sample
 from agentlink.security import CurveKeys
 
 log = logging.getLogger("agentlink.host")
+# How `agentlink run` exits when a thread of the host died (EX_SOFTWARE): Docker restarts it.
+EXIT_DIED = 70
 REPLY_LINGER_MS = 1000
 DRAIN_GRACE_S = 0.5
 # Bounds against hostile input. A message over MAX_MESSAGE_BYTES drops its sender's
@@ -176,6 +178,10 @@ class AgentHost:
         self.metrics.declare(list(self.slots))
         self.started_at = 0.0
         self.stopping = threading.Event()
+        # Set when a thread the host cannot serve without ended by an error: the process
+        # must end then (`run` exits non-zero), so that its restart policy brings it back.
+        self.died: str | None = None
+        self.on_death: Callable[[], None] = lambda: None
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         # A plain queue and threads: the handoff is a C-level lock, the cheapest there is.
@@ -227,12 +233,24 @@ class AgentHost:
         workers = [(self._worker, f"worker-{n}") for n in range(self.config.workers)]
         for target, name in ((self._serve_zmq, "zmq"), (self._http.serve_forever, "http"),
                              (self._supervise, "supervisor"), *workers):
-            thread = threading.Thread(target=target, name=f"{self.config.group}-{name}",
-                                      daemon=True)
+            thread = threading.Thread(target=self._essential(target, name),
+                                      name=f"{self.config.group}-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("group %s serving %d agent(s) on ports %d/%d", self.config.group,
                  len(self.slots), self.config.port, self.config.http_port)
+
+    def _essential(self, target: Callable[[], None], name: str) -> Callable[[], None]:
+        """The thread's work; if it ends by an error, the host is dead (say so, and why)."""
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as err:
+                self.died = f"its {name} thread failed: {type(err).__name__}: {err}"
+                log.critical("group %s: %s", self.config.group, self.died, exc_info=True)
+                self.on_death()
+
+        return guarded
 
     def stop(self) -> None:
         """Deregister, refuse new work, let in-flight requests finish within the deadline."""
@@ -599,25 +617,32 @@ def _http_handler(host: AgentHost) -> type[BaseHTTPRequestHandler]:
 
 
 def run(config: HostConfig) -> int:
-    """Run a host until SIGTERM or SIGINT, then stop gracefully."""
+    """Run a host until SIGTERM or SIGINT, then stop gracefully; if a thread it cannot
+    serve without dies, stop and exit EXIT_DIED."""
     import signal
 
     # Block the stop signals before any thread exists, so every thread (ours and libzmq's)
     # inherits the mask and none is interrupted mid-call; the main thread takes the signal
     # synchronously below.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    # A thread of the host that dies wakes the main thread with SIGUSR1.
+    wake = {*stop_signals, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, wake)
     host = AgentHost(config)
+    host.on_death = lambda: os.kill(os.getpid(), signal.SIGUSR1)
     try:
         host.start()
     except (zmq.ZMQError, OSError) as err:
         log.error("group %s cannot start: %s (is another process on port %d or %d?)",
                   config.group, err, config.port, config.http_port)
         return 1
-    received = signal.sigwait(stop_signals)
-    log.info("group %s received %s: stopping", config.group, signal.Signals(received).name)
+    received = signal.sigwait(wake)
+    if host.died is not None:
+        log.critical("group %s: exiting, %s", config.group, host.died)
+    else:
+        log.info("group %s received %s: stopping", config.group, signal.Signals(received).name)
     host.stop()
     # Terminating the context is what lets the last replies leave: libzmq sends what the
     # lingering sockets still hold. Without it the process exits and drops them.
     host.pool.context.destroy(linger=REPLY_LINGER_MS)
-    return 0
+    return EXIT_DIED if host.died is not None else 0

@@ -113,6 +113,15 @@ def _instance_state(report: dict[str, Any] | None, instance: str) -> tuple[str, 
     return (answer or {}).get("state", "missing"), answer
 
 
+# Which of the agents still pending a timed-out gate names: one that says it is unhealthy
+# (its failed check is the reason), before one that does not answer, before one starting.
+_BLAME = {"unhealthy": 0, "starting": 2}
+
+
+def _state(answer: Any) -> str:
+    return str((answer or {}).get("state", "missing"))
+
+
 class Launcher:
     """`one_by_one` starts a layer's hosts one at a time, each gated before the next: the
     old way of starting a system, kept so that benchmarks can measure against it."""
@@ -184,9 +193,9 @@ class Launcher:
             if not pending:
                 return
             if time.monotonic() > deadline:
-                instance, unit = next(iter(pending.items()))
-                raise self._failure(instance, unit, f"did not become healthy within "
-                                    f"{max(timeouts.values()):g}s", answers)
+                instance = min(pending, key=lambda i: _BLAME.get(_state(answers.get(i)), 1))
+                raise self._failure(instance, pending[instance], f"did not become healthy "
+                                    f"within {max(timeouts.values()):g}s", answers)
             time.sleep(self.poll)
 
     def _failure(self, instance: str, unit: Unit, reason: str, answers: dict[str, Any]

@@ -131,8 +131,8 @@ class Registry:
                 pipe.delete(self._key(rec.agent, rec.instance))
                 pipe.srem(self._members(rec.agent), rec.instance)
             pipe.execute()
-        except REDIS_ERRORS as err:
-            self._failed(err)  # the TTL removes them anyway
+        except redis.RedisError as err:  # any: the TTL removes them anyway
+            self._failed(err)
 
     def set_drain(self, agent: str, instance: str, drained: bool,
                   ttl: int | None = None) -> None:

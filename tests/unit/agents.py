@@ -86,6 +86,28 @@ class NeverHealthy(BaseAgent):
         return {"model_loaded": False}
 
 
+class OddAnswer(BaseAgent):
+    """check_health() answers the class attribute as it is: None, a string, a number..."""
+
+    answer: ClassVar[Any] = None
+
+    def handle(self, request: Any) -> Any:
+        return "ok"
+
+    def check_health(self) -> Any:
+        return OddAnswer.answer
+
+
+class CrashesAtStart(BaseAgent):
+    """Its host process cannot even construct it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the model file is missing")
+
+    def handle(self, request: Any) -> Any:
+        return None
+
+
 class Rendezvous(BaseAgent):
     """Answers only when `parties` calls are in handle() at once: proof of parallel steps."""
 

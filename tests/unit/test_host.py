@@ -19,7 +19,7 @@ from agentlink.reference.core import MemoryOrchestratorService, RequestCoordinat
 from agentlink.reference.workers import Worker
 from agentlink.testing import AgentSpec, call_handle, host_config, run_group, wait_healthy
 
-from .agents import Checked
+from .agents import Checked, OddAnswer
 from .conftest import eventually
 
 ECHO = "tests.unit.agents:Echo"
@@ -166,6 +166,31 @@ def test_named_checks_decide_the_state(redis_url: str, answer: dict[str, Any], s
                     next(c for c in body["checks"] if c["name"] == check[0]).items()
     finally:
         Checked.answer = {}
+
+
+@pytest.mark.parametrize("answer", [None, "all good", 3, ["model"]])
+def test_a_check_health_that_answers_no_dict_fails_that_agent_only(redis_url: str,
+                                                                  answer: Any) -> None:
+    OddAnswer.answer = answer
+    try:
+        with run_group([AgentSpec("Odd", "tests.unit.agents:OddAnswer"), AgentSpec("Mate", ECHO)],
+                       redis_url, wait=False) as host:
+            eventually(lambda: host.health()["agents"]["Odd-1"]["state"] == "unhealthy",
+                       what="Odd unhealthy")
+            health = host.health()
+            assert health["agents"]["Mate-1"]["state"] == "healthy"
+            [check] = health["agents"]["Odd-1"]["checks"]
+            assert check["name"] == "check_health" and check["status"] == "failed"
+            assert f"returned {type(answer).__name__}" in check["detail"]
+            status, body = get(f"http://127.0.0.1:{host.config.http_port}/health")
+            assert status == 503 and body["agents"]["Odd-1"]["state"] == "unhealthy"
+            # the supervisor goes on: both registered, each with its own state
+            eventually(lambda: [r.state for r in host.registry.records("Mate")] == ["healthy"]
+                       and [r.state for r in host.registry.records("Odd")] == ["unhealthy"],
+                       what="both registered")
+            assert host.died is None
+    finally:
+        OddAnswer.answer = None
 
 
 def test_starting_until_a_dependency_is_healthy(redis_url: str) -> None:

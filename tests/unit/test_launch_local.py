@@ -15,9 +15,12 @@ from urllib.request import urlopen
 
 import psutil
 import pytest
+import redis
 import yaml
 
 from agentlink.client import FailoverClient
+from agentlink.config import render_startup_config, write_startup_config
+from agentlink.host import EXIT_DIED
 from agentlink.registry import Registry, redis_client
 from agentlink.testing import free_ports
 from agentlink.topology import load
@@ -110,12 +113,51 @@ def test_an_agent_never_healthy_rolls_the_run_back(tmp_path: Path, home: Path,
 
 def test_an_agent_that_crashes_at_start_is_named(tmp_path: Path, home: Path,
                                                   redis_url: str) -> None:
-    path = topology_file(tmp_path, [{"name": "Broken", "class": "tests.unit.agents:Missing",
+    path = topology_file(tmp_path, [{"name": "Broken", "class": "tests.unit.agents:CrashesAtStart",
                                      "machine": "m1", "group": "b", "port": next(ports(1))}])
     up = agentlink("up", str(path), "--redis-url", redis_url, home=home)
     assert up.returncode == 1
     assert "agent Broken-1 (group b on m1) exited during start" in up.stderr
-    assert "Missing" in up.stderr
+    assert "the model file is missing" in up.stderr
+
+
+def test_the_launcher_names_the_agent_whose_check_answers_none_not_its_group_mate(
+        tmp_path: Path, home: Path, redis_url: str) -> None:
+    port = next(ports(1))
+    path = topology_file(tmp_path, [
+        {"name": "Mate", "class": ECHO, "machine": "m1", "group": "pair", "port": port,
+         "health_timeout": 2},
+        {"name": "Odd", "class": "tests.unit.agents:OddAnswer", "machine": "m1",
+         "group": "pair", "port": port, "health_timeout": 2},
+    ])
+    up = agentlink("up", str(path), "--redis-url", redis_url, home=home)
+    assert up.returncode == 1
+    assert "agent Odd-1 (group pair on m1) did not become healthy within 2s" in up.stderr
+    assert "returned NoneType None, not a dict of named checks" in up.stderr
+
+
+def test_a_host_whose_supervisor_dies_exits_non_zero(tmp_path: Path, redis_url: str) -> None:
+    """A Redis user that may not write (an ACL changed under a running system): the host
+    cannot keep its registry entries, its supervisor fails, and the process must end."""
+    admin = redis.Redis.from_url(redis_url)
+    admin.acl_setuser("reader", enabled=True, passwords=["+reads"], keys=["*"],
+                      commands=["+@read", "+@connection", "+info"])
+    try:
+        port = next(ports(1))
+        topology = load(topology_file(tmp_path, [
+            {"name": "A", "class": ECHO, "machine": "m1", "group": "g", "port": port}]))
+        config = render_startup_config(topology, "m1", {"m1": "127.0.0.1", "m2": "127.0.0.1"},
+                                       {"url": redis_url, "username": "reader",
+                                        "password": "reads"})
+        write_startup_config(config, tmp_path / "startup_config.yaml")
+        run = subprocess.run([sys.executable, "-m", "agentlink", "run", "--config",
+                              str(tmp_path / "startup_config.yaml"), "--group", "g"],
+                             capture_output=True, text=True, timeout=60, check=False,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        admin.acl_deluser("reader")
+    assert run.returncode == EXIT_DIED, run.stderr[-2000:]
+    assert "its supervisor thread failed: NoPermissionError" in run.stderr
 
 
 def test_an_invalid_topology_starts_nothing(tmp_path: Path, home: Path) -> None:

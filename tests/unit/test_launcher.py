@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agentlink.launch import Launcher, Unit
+from agentlink.launch import Launcher, LaunchError, Unit
 from agentlink.topology import Topology, load
 
 HEALTHY_AFTER_POLLS = 2
@@ -70,3 +70,26 @@ def test_one_by_one_waits_for_each_host_before_starting_the_next(topology: Topol
     assert backend.events == ["start g0", "healthy g0", "start g1", "healthy g1",
                               "start g2", "healthy g2", "start g3", "healthy g3"]
     assert [layer.started for layer in report.layers] == [["g0", "g1", "g2"], ["g3"]]
+
+
+class OneSickBackend(SlowToHealthBackend):
+    """g2's A2 says it is unhealthy (a failed check); g0 and g1 never get past starting."""
+
+    def health(self, unit: Unit) -> dict[str, Any] | None:
+        state = "unhealthy" if unit.name == "g2" else "starting"
+        return {"agents": {inst.id: {"state": state, "checks": [{"name": "model"}]}
+                           for inst in unit.group.instances}}
+
+
+def test_a_gate_that_times_out_names_the_agent_that_says_it_is_unhealthy(
+        tmp_path: Path) -> None:
+    path = tmp_path / "topology.yml"
+    agents = [{"name": f"A{n}", "class": "tests.unit.agents:Echo", "machine": "m",
+               "group": f"g{n}", "port": 7000 + 10 * n, "health_timeout": 0.2}
+              for n in range(3)]
+    path.write_text(yaml.safe_dump({"version": 1, "machines": {"m": {}}, "agents": agents}))
+    topology = load(path)
+    with pytest.raises(LaunchError) as failure:
+        Launcher(topology, OneSickBackend(), poll=0.01).launch()
+    assert failure.value.instance == "A2-1"
+    assert "did not become healthy within 0.2s" in str(failure.value)
