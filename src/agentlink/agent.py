@@ -8,6 +8,7 @@ the agent host; an agent reaches other agents with `self.call()` and shared stat
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -176,3 +177,12 @@ class BaseAgent:
             raise RuntimeError(f"{self.instance} has no way to call {agent} (no client given)")
         return self.context.call(agent, payload, key=key, timeout=timeout,
                                  idempotency_key=idempotency_key)
+
+
+def load_class(path: str) -> type[BaseAgent]:
+    """The agent class a topology names as `module:Class`."""
+    module, _, name = path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, BaseAgent)):
+        raise TypeError(f"{path} is not a BaseAgent subclass")
+    return cls

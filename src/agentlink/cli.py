@@ -32,17 +32,23 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _load(path: str) -> topo.Topology | None:
+def _load(path: str, classes: bool = False) -> topo.Topology | None:
+    """The topology, or None once every problem is printed; with `classes`, an agent class
+    that does not import is one (what would otherwise fail layers into a start)."""
     try:
-        return topo.load(path)
+        topology = topo.load(path)
+        problems = topo.import_problems(topology) if classes else []
+        if problems:
+            raise topo.TopologyError(path, problems)
     except topo.TopologyError as err:
         print(err, file=sys.stderr)
         print(f"{len(err.problems)} problem(s) in {path}", file=sys.stderr)
         return None
+    return topology
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    topology = _load(args.file)
+    topology = _load(args.file, classes=True)
     if topology is None:
         return EXIT_INVALID
     _say(f"{args.file}: ok ({len(topology.agents)} agents, {len(topology.instances)} instances, "
@@ -77,7 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from agentlink.launch import LaunchError
     from agentlink.local import LocalLab, check_ports_free
 
-    topology = _load(args.file)
+    topology = _load(args.file, classes=True)
     if topology is None:
         return EXIT_INVALID
     clashes = check_ports_free(topology)

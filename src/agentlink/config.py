@@ -72,12 +72,13 @@ def render_startup_config(topology: Topology, machine: str,
                           addresses: Mapping[str, str], redis: Mapping[str, Any],
                           registry: Mapping[str, float] | None = None,
                           monitoring: Mapping[str, Mapping[str, Any]] | None = None,
-                          ) -> dict[str, Any]:
+                          bind: str = "*") -> dict[str, Any]:
     """The startup config of one machine: its groups, with addresses as ${VAR:-default}.
 
     `addresses` maps each machine to its default address (from inventory); `redis` is
     `{"url": ...}` or `{"sentinels": [...], "service": ...}` and may use ${VAR} itself;
-    `monitoring` says where Prometheus and Alertmanager run (see system_layout).
+    `monitoring` says where Prometheus and Alertmanager run (see system_layout); `bind` is
+    the address the hosts' ports listen on (every interface by default).
     """
     groups: dict[str, Any] = {}
     for group in topology.groups.values():
@@ -99,6 +100,7 @@ def render_startup_config(topology: Topology, machine: str,
     return {
         "machine": machine,
         "advertise_host": f"${{{var}:-{addresses[machine]}}}",
+        "bind": bind,
         "redis": dict(redis),
         "registry": dict(registry or {"ttl": 6.0, "heartbeat": 2.0}),
         "stateful_agents": sorted(a.name for a in topology.agents.values() if a.stateful),
@@ -166,4 +168,5 @@ def load_host_config(path: str | Path, group: str,
         ttl=float(registry.get("ttl", 6.0)), heartbeat=float(registry.get("heartbeat", 2.0)),
         system=dict(doc.get("system") or {}),
         curve=dict((doc.get("security") or {}).get("curve") or {}),
+        bind=str(doc.get("bind", "*")),
     )

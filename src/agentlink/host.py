@@ -9,7 +9,6 @@ evaluates health and heartbeats the registry for the whole group.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from agentlink.agent import (
     WebReply,
     checks_of,
     evaluate_health,
+    load_class,
 )
 from agentlink.client import FailoverClient
 from agentlink.durable import DURABLE_ERRORS, OUTAGE_S, REPLICA_WAIT_MS, Durable
@@ -106,6 +106,9 @@ class HostConfig:
     stop_deadline: float = 10.0
     system: dict[str, Any] = field(default_factory=dict)  # see render_startup_config
     curve: dict[str, str] = field(default_factory=dict)  # keys' files; empty: CURVE off
+    # The address both ports listen on: every interface ("*") on a machine, loopback for
+    # `agentlink up`, whose hosts nobody else should reach.
+    bind: str = "*"
 
 
 class RedisState:
@@ -135,14 +138,6 @@ class RedisState:
 
     def delete(self, key: str) -> None:
         self.durable.write(lambda pipe: pipe.hdel(self.key, key))
-
-
-def load_class(path: str) -> type[BaseAgent]:
-    module, _, name = path.partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, BaseAgent)):
-        raise TypeError(f"{path} is not a BaseAgent subclass")
-    return cls
 
 
 class _Slot:
@@ -223,10 +218,12 @@ class AgentHost:
         if self.keys is not None:
             self._auth = self.keys.authenticator(ctx)
             self.keys.make_server(self._router)
-        self._router.bind(f"tcp://*:{self.config.port}")
+        self._router.bind(f"tcp://{self.config.bind}:{self.config.port}")
         self._replies = ctx.socket(zmq.PULL)
         self._replies.bind(self._reply_addr)
-        self._http = _BoundedHTTPServer(("", self.config.http_port), _http_handler(self))
+        http_address = "" if self.config.bind == "*" else self.config.bind
+        self._http = _BoundedHTTPServer((http_address, self.config.http_port),
+                                        _http_handler(self))
         for slot in self.slots.values():
             slot.record.pid = os.getpid()
         self.started_at = time.monotonic()
@@ -490,7 +487,8 @@ class AgentHost:
         except ValueError as err:
             code, reply = protocol.BAD_REQUEST, protocol.error(protocol.BAD_REQUEST, str(err))
         except Exception as err:
-            log.warning("%s failed: %s: %s", slot.spec.instance, type(err).__name__, err)
+            log.warning("%s failed: %s: %s", slot.spec.instance, type(err).__name__, err,
+                        exc_info=True)
             code = protocol.HANDLER_ERROR
             reply = protocol.error(code, f"{type(err).__name__}: {err}")
         self.metrics.observe(slot.spec.agent, time.perf_counter() - started, code)

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from agentlink.config import render_startup_config, write_startup_config
-from agentlink.launch import Launcher, LaunchReport, Unit
+from agentlink.launch import Launcher, LaunchError, LaunchReport, Unit
 from agentlink.redis_server import RedisServer
 from agentlink.status import fetch_health
 from agentlink.topology import Topology
@@ -37,27 +37,32 @@ def running(pid: int) -> bool:
         return False
 
 
-def terminate(pid: int, deadline: float = STOP_DEADLINE) -> None:
-    """SIGTERM, wait for a graceful stop, then SIGKILL."""
-    try:
-        proc = psutil.Process(pid)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(deadline)
-    except psutil.TimeoutExpired:
-        proc.kill()
-    except psutil.Error:
-        return
+def terminate(pids: list[int], deadline: float = STOP_DEADLINE) -> None:
+    """SIGTERM to all at once, wait for their graceful stops together, then SIGKILL the
+    ones still there: stopping ten hosts takes as long as the slowest, not the sum."""
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            proc.send_signal(signal.SIGTERM)
+            procs.append(proc)
+    _, alive = psutil.wait_procs(procs, timeout=deadline)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def check_ports_free(topology: Topology) -> list[str]:
-    """On one host all machines share the port space: every group port must be unique."""
+    """On one host all machines share the port space: every group port must be unique.
+    Each clash is named at the line of the later group's first agent."""
     owner: dict[int, str] = {}
     problems = []
     for group in topology.groups.values():
+        where = topology.where(group.instances[0].agent.name)
         for port in (group.port, group.http_port):
             if port in owner:
-                problems.append(f"port {port} is used by groups {owner[port]} and {group.name}; "
-                                "on one host every machine's ports must differ")
+                problems.append(f"{where}: port {port} is used by groups {owner[port]} and "
+                                f"{group.name}; on one host every machine's ports must differ")
             owner[port] = group.name
     return problems
 
@@ -101,7 +106,7 @@ class ProcessBackend:
     def stop(self, unit: Unit) -> None:
         pid = self._read(unit).get("pid", 0)
         if pid and running(pid):
-            terminate(pid)
+            terminate([pid])
         self._pidfile(unit).unlink(missing_ok=True)
 
     def alive(self, unit: Unit) -> bool:
@@ -143,13 +148,15 @@ class LocalLab:
     def up(self, topology: Topology, redis_url: str | None,
            progress: Callable[[str], None]) -> LaunchReport:
         state = self.state()
+        started_redis = not redis_url and not self._redis_running(state)
         if not redis_url:
             redis_url = self._ensure_redis(state, progress)
         configs = {}
         for machine in topology.machines:
+            # Loopback only: a local run has no CURVE and no Redis users (README, "Local mode").
             config = render_startup_config(
                 topology, machine, dict.fromkeys(topology.machines, "127.0.0.1"),
-                {"url": redis_url})
+                {"url": redis_url}, bind="127.0.0.1")
             configs[machine] = self.home / "config" / machine / "startup_config.yaml"
             write_startup_config(config, configs[machine])
         state.update(topology=str(Path(topology.path).resolve()), redis_url=redis_url,
@@ -157,10 +164,20 @@ class LocalLab:
         self.home.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(state, indent=2))
         backend = ProcessBackend(self.home, configs)
-        return Launcher(topology, backend, progress=progress).launch()
+        try:
+            return Launcher(topology, backend, progress=progress).launch()
+        except LaunchError as err:
+            if started_redis:  # what this run started goes, its Redis too
+                self._stop_redis(progress)
+                err.stopped.append("redis-server")
+            raise
+
+    @staticmethod
+    def _redis_running(state: dict[str, Any]) -> bool:
+        return running(state.get("redis_pid", 0)) and bool(state.get("redis_url"))
 
     def _ensure_redis(self, state: dict[str, Any], progress: Callable[[str], None]) -> str:
-        if running(state.get("redis_pid", 0)) and state.get("redis_url"):
+        if self._redis_running(state):
             return str(state["redis_url"])
         server = RedisServer(self.home / "redis")
         server.start()
@@ -170,18 +187,22 @@ class LocalLab:
         return server.url
 
     def down(self, progress: Callable[[str], None]) -> int:
-        """Stop every host this lab started, then its Redis; returns how many were stopped."""
-        stopped = 0
+        """Stop every host this lab started, all at once, then its Redis; returns how many
+        were stopped."""
+        hosts = []
         for pidfile in sorted((self.home / "run").glob("*.json")):
             pid = json.loads(pidfile.read_text()).get("pid", 0)
             if running(pid):
                 progress(f"stopping {pidfile.stem} (pid {pid})")
-                terminate(pid)
-                stopped += 1
+                hosts.append(pid)
             pidfile.unlink()
+        terminate(hosts)
+        self._stop_redis(progress)
+        return len(hosts)
+
+    def _stop_redis(self, progress: Callable[[str], None]) -> None:
         redis_pid = self.state().get("redis_pid", 0)
         if running(redis_pid):
             progress(f"stopping redis-server (pid {redis_pid})")
-            terminate(redis_pid)
+            terminate([redis_pid])
         self.state_file.unlink(missing_ok=True)
-        return stopped

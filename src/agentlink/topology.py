@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from agentlink.agent import load_class
+
 AGENT_KEYS = {
     "name", "class", "machine", "group", "port", "placement", "depends_on", "replicas",
     "stateful", "resources", "health_timeout", "concurrency", "options",
@@ -119,6 +121,12 @@ class Topology:
     path: str
     machines: dict[str, dict[str, Any]]
     agents: dict[str, Agent]
+    lines: dict[str, int | None] = field(default_factory=dict)  # agent -> its line in path
+
+    def where(self, agent: str) -> str:
+        """`path:line` of an agent's entry, for messages about it."""
+        line = self.lines.get(agent)
+        return f"{self.path}:{line}" if line else self.path
 
     def address_env(self, machine: str) -> str:
         """The environment variable holding a machine's address: MAIN_PC_HOST, PC2_HOST."""
@@ -275,8 +283,9 @@ class _Checker:
                 self.add(f"duplicate agent name '{agent.name}'", line_of(raw))
                 continue
             agents[agent.name] = agent
-        topology = Topology(path, dict(machines), agents)
         lines = {r.get("name"): line_of(r) for r in raw_agents if isinstance(r, dict)}
+        topology = Topology(path, dict(machines), agents,
+                            {name: lines.get(name) for name in agents})
         self.dependencies(agents, lines)
         self.groups(topology, lines)
         return topology
@@ -393,9 +402,12 @@ class _Checker:
                 if key in owner and owner[key] != group:
                     clashes.setdefault((owner[key], group), key)
                 owner.setdefault(key, group)
+        first_line = {}
+        for inst in topology.instances:
+            first_line.setdefault(inst.placement.group, lines.get(inst.agent.name))
         for (first, second), (machine, port) in clashes.items():
             self.add(f"groups '{first}' and '{second}' both use port {port} on {machine} "
-                     "(a group uses its port and port + 1)", None)
+                     "(a group uses its port and port + 1)", first_line.get(second))
 
 
 def find_cycles(graph: dict[str, list[str]]) -> list[list[str]]:
@@ -480,3 +492,17 @@ def layers_of(graph: dict[str, Iterable[str]]) -> list[list[str]]:
     for name in graph:
         result[layer[name]].append(name)
     return result
+
+
+def import_problems(topology: Topology) -> list[Problem]:
+    """Every agent whose class does not import (a typo in the module or the class, an error
+    in its module), found before anything starts, at the agent's line."""
+    problems = []
+    for agent in topology.agents.values():
+        try:
+            load_class(agent.cls)
+        except Exception as err:  # whatever the module raises: it is the author's
+            problems.append(Problem(f"agent '{agent.name}': class {agent.cls} does not "
+                                    f"import: {type(err).__name__}: {err}",
+                                    topology.lines.get(agent.name)))
+    return problems

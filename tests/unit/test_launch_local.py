@@ -113,7 +113,8 @@ def test_an_agent_never_healthy_rolls_the_run_back(tmp_path: Path, home: Path,
 
 def test_an_agent_that_crashes_at_start_is_named(tmp_path: Path, home: Path,
                                                   redis_url: str) -> None:
-    path = topology_file(tmp_path, [{"name": "Broken", "class": "tests.unit.agents:CrashesAtStart",
+    path = topology_file(tmp_path, [{"name": "Broken",
+                                     "class": "tests.unit.agents:CrashesAtStart",
                                      "machine": "m1", "group": "b", "port": next(ports(1))}])
     up = agentlink("up", str(path), "--redis-url", redis_url, home=home)
     assert up.returncode == 1
@@ -158,6 +159,35 @@ def test_a_host_whose_supervisor_dies_exits_non_zero(tmp_path: Path, redis_url: 
         admin.acl_deluser("reader")
     assert run.returncode == EXIT_DIED, run.stderr[-2000:]
     assert "its supervisor thread failed: NoPermissionError" in run.stderr
+
+
+def test_a_failed_up_stops_the_redis_it_started(tmp_path: Path, home: Path) -> None:
+    path = topology_file(tmp_path, [
+        {"name": "Sick", "class": "tests.unit.agents:NeverHealthy", "machine": "m1",
+         "group": "sick", "port": next(ports(1)), "health_timeout": 1}])
+    up = agentlink("up", str(path), home=home)  # no --redis-url: it starts its own
+    assert up.returncode == 1
+    assert "stopped what this run started: sick, redis-server" in up.stderr
+    assert redis_servers_of(home) == []
+    assert not (home / "state.json").exists()
+
+
+def redis_servers_of(home: Path) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "redis-server" and str(home) in " ".join(p.info["cmdline"])
+            and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_local_hosts_listen_on_loopback_only(tmp_path: Path, home: Path,
+                                             redis_url: str) -> None:
+    path = topology_file(tmp_path, [{"name": "A", "class": ECHO, "machine": "m1",
+                                     "group": "a", "port": next(ports(1))}])
+    assert agentlink("up", str(path), "--redis-url", redis_url, home=home).returncode == 0
+    [pid] = host_pids(home)
+    listening = {c.laddr for c in psutil.Process(pid).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}
+    assert len(listening) == 2  # its ROUTER and HTTP ports
+    assert {address.ip for address in listening} == {"127.0.0.1"}
 
 
 def test_an_invalid_topology_starts_nothing(tmp_path: Path, home: Path) -> None:

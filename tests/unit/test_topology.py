@@ -13,6 +13,7 @@ from agentlink import topology as topo
 from .conftest import ROOT
 
 REFERENCE = ROOT / "topology" / "agents.yml"
+ECHO = "tests.unit.agents:Echo"
 HEAD = "machines:\n  mainpc: {}\n  pc2: {}\nagents:\n"
 
 
@@ -88,6 +89,12 @@ def test_two_groups_on_one_port_of_one_machine(tmp_path: Path) -> None:
     assert "groups 'a' and 'b' both use port 7000 on mainpc" in found
 
 
+def test_a_port_clash_is_named_at_the_line_of_the_later_group(tmp_path: Path) -> None:
+    found = only(tmp_path, HEAD + agent("A", group="a", port=7000) +
+                 agent("B", group="b", port=7000))
+    assert found.startswith(f"{tmp_path / 't.yml'}:6: groups 'a' and 'b'")  # B's line
+
+
 def test_a_group_also_uses_port_plus_one(tmp_path: Path) -> None:
     found = only(tmp_path, HEAD + agent("A", group="a", port=7000) +
                  agent("B", group="b", port=7001))
@@ -139,6 +146,30 @@ def test_cli_validate_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     assert len(lines) == 3
     assert lines[-1] == f"2 problem(s) in {path}"
     assert all(line.startswith(f"{path}:") for line in lines[:-1])
+
+
+def test_cli_validate_names_every_agent_class_that_does_not_import(tmp_path: Path) -> None:
+    path = tmp_path / "t.yml"
+    path.write_text(HEAD
+                    + "  - {name: Typo, class: 'agentlink.reference.core:RequestCordinator',"
+                      " machine: mainpc, group: a, port: 7000}\n"
+                    + "  - {name: Gone, class: 'agentlink.refrence.core:RequestCoordinator',"
+                      " machine: mainpc, group: b, port: 7010}\n"
+                    + "  - {name: NoAgent, class: 'agentlink.topology:Topology',"
+                      " machine: mainpc, group: c, port: 7020}\n"
+                    + agent("Fine", group="d", port=7030).replace("m:C", ECHO))
+    result = subprocess.run([sys.executable, "-m", "agentlink", "validate", str(path)],
+                            capture_output=True, text=True, check=False, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == (f"{path}:5: agent 'Typo': class agentlink.reference.core:"
+                        "RequestCordinator does not import: AttributeError: module "
+                        "'agentlink.reference.core' has no attribute 'RequestCordinator'")
+    assert lines[1] == (f"{path}:6: agent 'Gone': class agentlink.refrence.core:"
+                        "RequestCoordinator does not import: ModuleNotFoundError: No module "
+                        "named 'agentlink.refrence'")
+    assert lines[2].startswith(f"{path}:7: agent 'NoAgent'") and "not a BaseAgent" in lines[2]
+    assert lines[-1] == f"3 problem(s) in {path}"
 
 
 def test_reference_topology_is_valid() -> None:
