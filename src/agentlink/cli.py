@@ -195,6 +195,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(r.serving for r in rows) else 1
 
 
+def cmd_call(args: argparse.Namespace) -> int:
+    """One request to an agent, by name, through the failover client; its reply as JSON."""
+    from agentlink.client import FailoverClient, NoInstance, operator_registry
+    from agentlink.local import LocalLab
+    from agentlink.protocol import BAD_REQUEST, RemoteError
+
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as err:
+        print(f"agentlink call: the request is not JSON: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    settings = _redis_settings(args, LocalLab(_home(args)).state(), "call")
+    if settings is None:
+        return EXIT_INVALID
+    client = FailoverClient(operator_registry(settings))
+    try:
+        result = client.call(args.agent, payload, key=args.key, timeout=args.timeout)
+    except RemoteError as err:
+        print(f"agentlink call: {args.agent} answered {err.code}: {err.message}",
+              file=sys.stderr)
+        return EXIT_INVALID if err.code == BAD_REQUEST else 1
+    except NoInstance as err:
+        print(f"agentlink call: {err} (is it running? `agentlink status` lists every "
+              "instance)", file=sys.stderr)
+        return 1
+    _say(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_secrets(args: argparse.Namespace) -> int:
     from agentlink.security import OPERATOR, create_secrets
 
@@ -377,12 +406,18 @@ def parser() -> argparse.ArgumentParser:
                       help="coordinator, twin, memory or agent:<Name>, weight 1 unless given "
                            "(repeat; default the first three)")
     load.add_argument("--json", action="store_true")
+    call = command("call", cmd_call, "send one request to an agent by name and print its "
+                   "reply (exit 1 on an error reply or no instance, 2 on a bad request)")
+    call.add_argument("agent", help="the agent's name, as in the topology")
+    call.add_argument("payload", metavar="JSON", help="the request, e.g. '{\"text\": \"hi\"}'")
+    call.add_argument("--key", help="routing key, for a stateful agent's sticky replica")
+    call.add_argument("--timeout", type=float, default=5.0, help="seconds, failovers included")
     secrets = command("secrets", cmd_secrets, "create the passwords and CURVE keys that a "
                       "deployment lacks (never replaces one)")
     secrets.add_argument("dir", help="the controller's secrets directory (made 0700)")
     secrets.add_argument("--topology", default=DEFAULT_TOPOLOGY,
                          help="a keypair for each of its groups, and the operator's")
-    for cmd in (status, load):
+    for cmd in (status, load, call):
         _registry_options(cmd)
     for cmd in (up, down):
         _home_option(cmd)

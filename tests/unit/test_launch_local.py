@@ -190,6 +190,26 @@ def test_local_hosts_listen_on_loopback_only(tmp_path: Path, home: Path,
     assert {address.ip for address in listening} == {"127.0.0.1"}
 
 
+def test_call_prints_an_agent_s_reply_and_exits_by_its_outcome(
+        tmp_path: Path, home: Path, redis_url: str) -> None:
+    port = next(ports(1))
+    path = topology_file(tmp_path, [
+        {"name": "A", "class": ECHO, "machine": "m1", "group": "a", "port": port},
+        {"name": "Picky", "class": "tests.unit.agents:Strict", "machine": "m1", "group": "a",
+         "port": port}])
+    assert agentlink("up", str(path), "--redis-url", redis_url, home=home).returncode == 0
+    reply = agentlink("call", "A", '{"text": "hi"}', home=home)
+    assert reply.returncode == 0, reply.stderr
+    assert json.loads(reply.stdout) == {"echo": {"text": "hi"}, "by": "A-1"}
+    refused = agentlink("call", "Picky", '{"n": "one"}', home=home)
+    assert refused.returncode == 2
+    assert "Picky answered bad_request: expected {\"n\": <int>}" in refused.stderr
+    nobody = agentlink("call", "Nobody", "{}", "--timeout", "0.5", home=home)
+    assert nobody.returncode == 1 and "Nobody: no instance answered" in nobody.stderr
+    not_json = agentlink("call", "A", "{text}", home=home)
+    assert not_json.returncode == 2 and "the request is not JSON" in not_json.stderr
+
+
 def test_an_invalid_topology_starts_nothing(tmp_path: Path, home: Path) -> None:
     path = topology_file(tmp_path, [{"name": "A", "class": ECHO, "machine": "m1",
                                      "group": "a", "port": 7000, "depends_on": ["A"]}])
