@@ -3,9 +3,13 @@ are written with.
 
 A write is acknowledged once it is fsynced on the primary (appendfsync always) and, when a
 replica is connected, confirmed by it (WAIT): so it survives the primary's loss and the
-Sentinels' failover. With no replica connected there is nothing to fail over to, and the
-fsynced copy alone is the guarantee (it survives a restart of that Redis). Reads and writes
-ride out a failover or a restart (seconds) instead of failing.
+Sentinels' failover. With no replica connected, the fsynced copy alone is the guarantee (it
+survives a restart of that Redis), but only while no failover can happen behind this
+primary's back: a Sentinel that this client reaches must see a majority of the Sentinels
+(CKQUORUM) and name this primary. A primary cut off from the LAN with its own Sentinel gets
+neither, while the majority elects its replica, so a write it took would be lost when it
+rejoins as a replica: such a write is refused (NoQuorum), never acknowledged. Reads and
+writes ride out a failover or a restart (seconds) instead of failing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ class StateNotReplicated(RuntimeError):
     """A replica is connected but did not confirm the write in time: not acknowledged."""
 
 
+class NoQuorum(StateNotReplicated):
+    """No replica, and no Sentinel that sees a majority names this primary: a failover may
+    be under way elsewhere, so the write is not acknowledged."""
+
+
 # What a durable read or write raises once the outage outlasts its patience.
 DURABLE_ERRORS = (*REDIS_ERRORS, redis.ReadOnlyError, StateNotReplicated)
 
@@ -34,6 +43,10 @@ DURABLE_ERRORS = (*REDIS_ERRORS, redis.ReadOnlyError, StateNotReplicated)
 # failover, with one failed Sentinel election retried after 8 s, fits in it).
 REPLICA_WAIT_MS = 300
 OUTAGE_S = 15.0
+# How long a primary without a Sentinel majority is given: a restarted Sentinel meets the
+# others within a few seconds; one cut off from the LAN does not, and its callers should
+# hear so long before an outage's patience is out.
+NO_QUORUM_S = 3.0
 
 
 class Durable:
@@ -53,14 +66,21 @@ class Durable:
         Operations given here must be idempotent."""
         deadline = time.monotonic() + self.outage_s
         delay = 0.05
+        no_quorum_since = None
         while True:
             try:
                 return operation()
+            except NoQuorum:
+                no_quorum_since = no_quorum_since or time.monotonic()
+                if time.monotonic() - no_quorum_since > NO_QUORUM_S or \
+                        time.monotonic() + delay > deadline:
+                    raise
             except DURABLE_ERRORS:
+                no_quorum_since = None
                 if time.monotonic() + delay > deadline:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def write(self, writes: Writes) -> list[Any]:
         """Queue `writes` on a pipeline and return their results once acknowledged."""
@@ -80,10 +100,48 @@ class Durable:
         self._replica_seen = results[-1].get("connected_slaves", 0) > 0
         own = results[:-2] if wait else results[:-1]
         if not self._replica_seen:
+            self._check_quorum()
             return own
         if not wait:
             return self._replicated(writes, wait=True)
         if results[-2] < 1:
+            # A replica that stopped confirming may be behind a partition: if this primary
+            # has no Sentinel majority either, say so now instead of when it drops the
+            # replica (repl-timeout, seconds later).
+            self._check_quorum()
             raise StateNotReplicated(
                 f"no replica confirmed the write within {self.replica_wait_ms} ms")
         return own
+
+    def _check_quorum(self) -> None:
+        """Raise NoQuorum unless a reachable Sentinel sees a majority of the Sentinels and
+        names the primary this client writes to. A plain Redis (no Sentinels: a local run)
+        has nothing to fail over to."""
+        pool = self.client.connection_pool
+        manager = getattr(pool, "sentinel_manager", None)
+        if manager is None:
+            return
+        service, primary = pool.service_name, pool.master_address
+        said = []
+        for sentinel in list(manager.sentinels):
+            try:
+                sentinel.execute_command("SENTINEL", "CKQUORUM", service)
+                named = sentinel.sentinel_get_master_addr_by_name(service)
+            except redis.ResponseError as err:  # NOQUORUM: it sees no majority
+                said.append(str(err))
+                continue
+            except REDIS_ERRORS:
+                continue
+            if primary is None or _address(named) == _address(primary):
+                return
+            said.append(f"a Sentinel names {named}, not {primary}")
+        raise NoQuorum("no replica and no Sentinel majority for this primary: the write is not "
+                       f"acknowledged ({'; '.join(said) or 'no Sentinel answers'})")
+
+
+def _address(pair: Any) -> tuple[str, int] | None:
+    """(host, port) as a Sentinel or a pool gives it, bytes or text."""
+    if not pair:
+        return None
+    host, port = pair
+    return (host.decode() if isinstance(host, bytes) else str(host)), int(port)

@@ -62,9 +62,12 @@ def redis_client(settings: dict[str, Any]) -> redis.Redis:
     }
     if settings.get("sentinels"):
         nodes = [(h, int(p)) for h, p in (s.rsplit(":", 1) for s in settings["sentinels"])]
+        # The same bounds for the Sentinels: redis-py retries a Sentinel three times with a
+        # backoff of seconds by default, and asks the first one first on every new
+        # connection, so one Sentinel cut off from the LAN held every lookup for ~10 s.
         sentinel = Sentinel(nodes, sentinel_kwargs={
-            "socket_timeout": options["socket_timeout"],
-            "password": _password(settings, "sentinel_password")}, **options)
+            key: options[key] for key in ("socket_timeout", "socket_connect_timeout", "retry")
+        } | {"password": _password(settings, "sentinel_password")}, **options)
         return sentinel.master_for(settings.get("service", "agentlink"))
     return redis.Redis.from_url(settings.get("url", "redis://127.0.0.1:6379/0"), **options)
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections import Counter
 from contextlib import ExitStack
 
 import pytest
+import redis
 
 from agentlink import protocol
 from agentlink.client import FailoverClient, NoInstance
@@ -56,6 +61,22 @@ def test_round_robin_spreads_over_replicas(redis_url: str) -> None:
         client = FailoverClient(Registry(redis_client({"url": redis_url})))
         served = Counter(client.call("Twin", n)["by"] for n in range(30))
     assert served == {"Twin-1": 10, "Twin-2": 10, "Twin-3": 10}
+
+
+def test_round_robin_is_per_agent_when_calls_to_several_agents_interleave(
+        redis_url: str) -> None:
+    """Calls to Pair alternate with calls to Solo: each agent still takes its own turns."""
+    with ExitStack() as stack:
+        for n in (1, 2):
+            stack.enter_context(run_group([AgentSpec("Pair", ECHO, index=n)], redis_url,
+                                          group=f"pair-{n}"))
+        stack.enter_context(run_group([AgentSpec("Solo", ECHO)], redis_url, group="solo"))
+        client = FailoverClient(Registry(redis_client({"url": redis_url})))
+        served = Counter()
+        for n in range(20):
+            served[client.call("Pair", n)["by"]] += 1
+            client.call("Solo", n)
+    assert served == {"Pair-1": 10, "Pair-2": 10}
 
 
 def test_sticky_routing_by_key_for_stateful_agents(redis_url: str) -> None:
@@ -126,3 +147,65 @@ def test_redis_outage_degrades_then_heals_and_keeps_state(redis_server: RedisSer
         eventually(lambda: {r.instance for r in host.registry.discover("Memory")} ==
                    {"Memory-1"}, what="re-registered")
         assert client.call("Memory", {"op": "get", "key": "k"}, key="k")["value"] == 42
+
+
+class MovingRegistry(Registry):
+    """A registry that answers once, then as it does while it moves to a new primary: on the
+    request's own thread it must not be asked at all; in the background it names nobody."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(redis_client({"url": url}))
+        self.lookups = 0
+
+    def discover(self, agent: str) -> list[InstanceRecord]:
+        self.lookups += 1
+        if self.lookups == 1:
+            return super().discover(agent)
+        assert threading.current_thread().name.startswith("discovery"), \
+            "a request waited for the registry"
+        return []
+
+
+def test_requests_go_on_to_instances_last_seen_while_the_registry_names_nobody(
+        redis_url: str) -> None:
+    with run_group([AgentSpec("Echo", ECHO)], redis_url):
+        registry = MovingRegistry(redis_url)
+        client = FailoverClient(registry, refresh=0, remember=30)
+        assert client.call("Echo", 1)["by"] == "Echo-1"
+        assert client.call("Echo", 2)["by"] == "Echo-1"  # and a refresh goes to the background
+        eventually(lambda: registry.lookups >= 2, what="a refresh in the background")
+        for n in range(20):  # the registry names nobody now: the last seen still answer
+            assert client.call("Echo", n, timeout=2)["echo"] == n
+
+
+def test_an_instance_not_named_for_longer_than_remember_is_forgotten(redis_url: str) -> None:
+    with run_group([AgentSpec("Echo", ECHO)], redis_url):
+        registry = MovingRegistry(redis_url)
+        client = FailoverClient(registry, refresh=0, remember=0.2)
+        client.call("Echo", 1)
+        time.sleep(0.3)  # longer than `remember`
+        with contextlib.suppress(NoInstance):  # answered or not: it starts a refresh
+            client.call("Echo", 2, timeout=0.5)
+        eventually(lambda: registry.lookups >= 2, what="a refresh in the background")
+        with pytest.raises(NoInstance, match="Echo"):
+            client.call("Echo", 2, timeout=0.5)
+
+
+def test_a_sentinel_that_does_not_answer_is_asked_once_per_lookup() -> None:
+    """A Sentinel cut off from the LAN: one try, then the next Sentinel; redis-py's own
+    retries (three, with seconds of backoff) held every lookup for ~10 s."""
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        client = redis_client({"sentinels": [f"127.0.0.1:{port}"], "service": "agentlink",
+                               "timeout": 0.2})
+        with pytest.raises(redis.sentinel.MasterNotFoundError):
+            client.ping()
+        silent.settimeout(0.5)
+        accepted = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                silent.accept()[0].close()
+                accepted += 1
+    assert accepted == 1

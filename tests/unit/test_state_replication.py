@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from agentlink.durable import StateNotReplicated
+from agentlink.durable import NoQuorum, StateNotReplicated
 from agentlink.host import RedisState
 from agentlink.redis_server import RedisServer
+from agentlink.registry import redis_client
+from agentlink.testing import free_ports
 
 from .conftest import eventually
 
@@ -88,3 +91,54 @@ def test_a_write_during_a_redis_restart_is_acknowledged_and_kept(tmp_path: Path)
         assert state.get("written-while-down") == 42
     finally:
         server.stop()
+
+
+@pytest.fixture
+def primary_with_sentinel(tmp_path: Path) -> Iterator[Callable[[int], redis.Redis]]:
+    """A lone primary, and a factory: a client of it through one real Sentinel that watches
+    it with the quorum given (of one Sentinel: 1 is a majority, 2 cannot be reached)."""
+    server = RedisServer(tmp_path / "primary")
+    server.start()
+    sentinels: list[subprocess.Popen[bytes]] = []
+
+    def through_sentinel(quorum: int) -> redis.Redis:
+        port = free_ports(1)[0]
+        conf = tmp_path / f"sentinel-{port}.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor agentlink 127.0.0.1 {server.port} {quorum}\n")
+        sentinels.append(subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        probe = redis.Redis(port=port, socket_connect_timeout=0.2)
+
+        def answers() -> bool:
+            try:
+                return bool(probe.ping())
+            except redis.ConnectionError:
+                return False
+
+        eventually(answers, what="the Sentinel")
+        return redis_client({"sentinels": [f"127.0.0.1:{port}"], "service": "agentlink"})
+
+    try:
+        yield through_sentinel
+    finally:
+        for sentinel in sentinels:
+            sentinel.terminate()
+            sentinel.wait(10)
+        server.stop()
+
+
+def test_a_lone_primary_confirmed_by_a_sentinel_majority_acknowledges(
+        primary_with_sentinel: Callable[[int], redis.Redis]) -> None:
+    state = RedisState(primary_with_sentinel(1), "Memory")
+    state.put("k", 1)  # no replica, and the one Sentinel is a majority: safe alone
+    assert state.get("k") == 1
+
+
+def test_a_lone_primary_without_a_sentinel_majority_refuses_the_write(
+        primary_with_sentinel: Callable[[int], redis.Redis]) -> None:
+    """As a primary cut off from the LAN with its own Sentinel: the others may be electing
+    its replica, and a write it took would be lost when it rejoins."""
+    state = RedisState(primary_with_sentinel(2), "Memory", outage_s=10)
+    with pytest.raises(NoQuorum, match="NOQUORUM"):
+        state.put("k", 1)
