@@ -17,7 +17,7 @@ import yaml
 
 from agentlink.host import HostConfig, InstanceSpec
 from agentlink.security import CONTAINER_CURVE, CONTAINER_REDIS_AUTH
-from agentlink.topology import Topology, load
+from agentlink.topology import DEFAULT_CONCURRENCY, Topology, load
 
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
 
@@ -92,7 +92,8 @@ def render_startup_config(topology: Topology, machine: str,
             "instances": [
                 {"agent": i.agent.name, "instance": i.id, "class": i.agent.cls,
                  "depends_on": list(i.agent.depends_on),
-                 "health_timeout": i.agent.health_timeout, "options": i.agent.options}
+                 "health_timeout": i.agent.health_timeout,
+                 "concurrency": i.agent.concurrency, "options": i.agent.options}
                 for i in group.instances
             ],
         }
@@ -163,6 +164,7 @@ def load_host_config(path: str | Path, group: str,
         instances=[InstanceSpec(agent=i["agent"], instance=i["instance"], cls=i["class"],
                                 depends_on=list(i.get("depends_on") or []),
                                 health_timeout=float(i.get("health_timeout", 15)),
+                                concurrency=int(i.get("concurrency", DEFAULT_CONCURRENCY)),
                                 options=dict(i.get("options") or {}))
                    for i in g["instances"]],
         ttl=float(registry.get("ttl", 6.0)), heartbeat=float(registry.get("heartbeat", 2.0)),

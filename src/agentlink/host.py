@@ -45,6 +45,7 @@ from agentlink.pool import get_pool
 from agentlink.registry import REDIS_ERRORS, InstanceRecord, Registry, redis_client
 from agentlink.resources import host_sample
 from agentlink.security import CurveKeys
+from agentlink.topology import DEFAULT_CONCURRENCY
 
 log = logging.getLogger("agentlink.host")
 # How `agentlink run` exits when a thread of the host died (EX_SOFTWARE): Docker restarts it.
@@ -86,6 +87,10 @@ class InstanceSpec:
     depends_on: list[str] = field(default_factory=list)
     health_timeout: float = 15.0
     options: dict[str, Any] = field(default_factory=dict)
+    # Requests the instance runs at once (the topology's `concurrency`); more are answered
+    # `overloaded`, so one agent stuck (writes waiting out a partition) cannot take every
+    # worker of its host from the others.
+    concurrency: int = DEFAULT_CONCURRENCY
 
 
 @dataclass
@@ -150,6 +155,20 @@ class _Slot:
         self.ready = not spec.depends_on
         self.started = False  # agent.start() called
         self.waiting_for: list[str] = list(spec.depends_on)
+        self.running = 0  # requests in its handler now, on the host's workers
+        self._running_lock = threading.Lock()
+
+    def enter(self) -> bool:
+        """Take a place among the instance's `concurrency`; False when all are taken."""
+        with self._running_lock:
+            if self.running >= self.spec.concurrency:
+                return False
+            self.running += 1
+            return True
+
+    def leave(self) -> None:
+        with self._running_lock:
+            self.running -= 1
 
 
 class AgentHost:
@@ -433,12 +452,19 @@ class AgentHost:
             self._work(*job)
 
     def _work(self, ident: bytes, slot: _Slot, body: bytes, key: bytes | None) -> None:
-        try:
-            reply = self._answer(slot, body, key)
-        except Exception:  # a reply must go back: it is what ends the request's in-flight count
-            log.exception("%s: request not answered", slot.spec.instance)
-            self.metrics.rejected(slot.spec.agent, protocol.INTERNAL)
-            reply = protocol.error(protocol.INTERNAL, "the host failed to answer")
+        if not slot.enter():
+            self.metrics.rejected(slot.spec.agent, protocol.OVERLOADED)
+            reply = protocol.error(protocol.OVERLOADED, f"{slot.spec.instance} is running "
+                                   f"{slot.spec.concurrency} requests already")
+        else:
+            try:
+                reply = self._answer(slot, body, key)
+            except Exception:  # a reply must go back: it ends the request's in-flight count
+                log.exception("%s: request not answered", slot.spec.instance)
+                self.metrics.rejected(slot.spec.agent, protocol.INTERNAL)
+                reply = protocol.error(protocol.INTERNAL, "the host failed to answer")
+            finally:
+                slot.leave()
         self._pusher().send_multipart([ident, b"", reply])
 
     def local_reply(self, frames: list[bytes]) -> list[bytes]:

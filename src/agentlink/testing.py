@@ -17,6 +17,7 @@ from typing import Any
 
 from agentlink.agent import AgentContext, BaseAgent, MemoryState
 from agentlink.host import AgentHost, HostConfig, InstanceSpec
+from agentlink.topology import DEFAULT_CONCURRENCY
 
 
 def free_ports(count: int) -> list[int]:
@@ -67,6 +68,7 @@ class AgentSpec:
     depends_on: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     health_timeout: float = 10.0
+    concurrency: int = DEFAULT_CONCURRENCY
 
 
 def host_config(group: str, agents: list[AgentSpec], redis_url: str, *,
@@ -79,7 +81,8 @@ def host_config(group: str, agents: list[AgentSpec], redis_url: str, *,
         ttl=3.0, heartbeat=0.5,
         instances=[InstanceSpec(agent=a.name, instance=f"{a.name}-{a.index}", cls=a.cls,
                                 depends_on=a.depends_on, health_timeout=a.health_timeout,
-                                options=a.options) for a in agents])
+                                options=a.options, concurrency=a.concurrency)
+                   for a in agents])
 
 
 def wait_healthy(host: AgentHost, timeout: float = 10.0) -> None:

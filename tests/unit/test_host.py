@@ -116,6 +116,31 @@ def test_a_handler_error_is_answered_and_counted(redis_url: str) -> None:
         assert 'agentlink_request_errors_total{agent="F",code="handler_error"} 1.0' in metrics
 
 
+def test_an_agent_runs_at_most_its_concurrency_and_leaves_the_workers_to_the_others(
+        redis_url: str) -> None:
+    """Gate holds every request (as writes waiting out a partition would): two run, the
+    rest are answered `overloaded` at once, and Echo in the same host is still served."""
+    held = AgentSpec("G", "tests.unit.agents:Gate", concurrency=2)
+    with run_group([held, AgentSpec("Echo", ECHO)], redis_url) as host:
+        gate = host.slots["G"].agent
+        endpoint = f"tcp://127.0.0.1:{host.config.port}"
+        context = zmq.Context.instance()
+        sock = context.socket(zmq.DEALER)
+        sock.connect(endpoint)
+        try:
+            for n in range(5):
+                sock.send_multipart([b"", *protocol.encode_request("G", n)])
+            refused = [json.loads(sock.recv_multipart()[-1]) for _ in range(3)]
+            assert {r["code"] for r in refused} == {protocol.OVERLOADED}
+            assert "G-1 is running 2 requests already" in refused[0]["error"]
+            assert send(host, protocol.encode_request("Echo", "still"))["echo"] == "still"
+            gate.open()  # type: ignore[attr-defined]
+            assert all(json.loads(sock.recv_multipart()[-1])["ok"] for _ in range(2))
+        finally:
+            gate.open()  # type: ignore[attr-defined]
+            sock.close(linger=0)
+
+
 def test_health_and_metrics_over_http(redis_url: str) -> None:
     with run_group([AgentSpec("A", ECHO), AgentSpec("B", ECHO)], redis_url) as host:
         send(host, protocol.encode_request("A", 1))
