@@ -16,7 +16,8 @@ Ansible and the Docker SDK reach the hosts over real SSH, as root, with a key ma
     dual_hosts.py down        remove everything: daemons by pid, namespaces, links, files
     dual_hosts.py status      each host's address and daemons
     dual_hosts.py cut HOST    pull the host's cable (its bridge port down); heal HOST again
-    dual_hosts.py slow HOST   50 ms delay and 5% loss both ways (netem); fast HOST undoes it
+    dual_hosts.py slow HOST   5% loss (and 50 ms delay, with netem) on what it sends; fast HOST
+    dual_hosts.py inside HOST -- COMMAND...   run COMMAND in the host's network
 
 Root only. <root> is where the inventory's SSH key lives, two levels up
 (/var/lib/agentlink-dual).
@@ -52,6 +53,10 @@ CONTROLLER_ONLY = (str(ROOT), "/root")
 TOOLS = ("ip", "unshare", "nsenter", "findmnt", "iptables", "tc", "dockerd", "docker",
          "/usr/sbin/sshd", "ssh", "ssh-keygen")
 DEADLINE_S = 60.0
+# A slow LAN: 5% of packets lost (iptables, in any kernel) and 50 ms more on each (netem,
+# in kernels that have it; some, as this kind of machine's, do not).
+SLOW_LOSS = ("-m", "statistic", "--mode", "random", "--probability", "0.05")
+SLOW_DELAY = ("netem", "delay", "50ms")
 
 
 class HarnessError(Exception):
@@ -396,18 +401,26 @@ def heal(host: Host) -> None:
     run("ip", "link", "set", host.veth, "up")
 
 
-def slow(host: Host, delay_ms: int = 50, loss_pct: float = 5.0) -> None:
-    """Delay and loss on the host's link, both ways."""
-    rule = ["netem", "delay", f"{delay_ms}ms", "loss", f"{loss_pct}%"]
-    run("tc", "qdisc", "replace", "dev", host.veth, "root", *rule)
-    run("ip", "netns", "exec", host.netns, "tc", "qdisc", "replace", "dev", "eth0", "root",
-        *rule)
+def slow(host: Host) -> None:
+    """Loss, and delay where the kernel has netem, on what the host sends onto the LAN
+    (slow every host for a slow LAN)."""
+    in_host = ("ip", "netns", "exec", host.netns)
+    run(*in_host, "iptables", "-I", "OUTPUT", "-o", "eth0", *SLOW_LOSS, "-j", "DROP")
+    run(*in_host, "tc", "qdisc", "replace", "dev", "eth0", "root", *SLOW_DELAY, check=False)
 
 
 def fast(host: Host) -> None:
-    run("tc", "qdisc", "del", "dev", host.veth, "root", check=False)
-    run("ip", "netns", "exec", host.netns, "tc", "qdisc", "del", "dev", "eth0", "root",
+    in_host = ("ip", "netns", "exec", host.netns)
+    run(*in_host, "iptables", "-D", "OUTPUT", "-o", "eth0", *SLOW_LOSS, "-j", "DROP",
         check=False)
+    run(*in_host, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+
+
+def inside(host: Host, argv: list[str]) -> int:
+    """Run a command of this machine in the host's network only (its files stay this
+    machine's): a client on the host's side of a partition."""
+    return subprocess.run(["nsenter", f"--net=/run/netns/{host.netns}", *argv],
+                          check=False).returncode
 
 
 def status(plan: Plan) -> int:
@@ -422,8 +435,9 @@ def status(plan: Plan) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["up", "down", "status", "cut", "heal", "slow",
-                                           "fast"])
+                                           "fast", "inside"])
     parser.add_argument("host", nargs="?")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="for inside: -- COMMAND...")
     parser.add_argument("--inventory", type=Path, default=INVENTORY)
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -431,10 +445,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = read_plan(args.inventory)
     try:
-        if args.action in ("cut", "heal", "slow", "fast"):
+        if args.action in ("cut", "heal", "slow", "fast", "inside"):
             host = next((h for h in plan.hosts if h.name == args.host), None)
             if host is None:
                 parser.error(f"name a host: {', '.join(h.name for h in plan.hosts)}")
+            if args.action == "inside":
+                command = args.command[1:] if args.command[:1] == ["--"] else args.command
+                return inside(host, command or ["true"])
             {"cut": cut, "heal": heal, "slow": slow, "fast": fast}[args.action](host)
             return 0
         if args.action == "status":

@@ -1,10 +1,12 @@
 """Faults under load on the deployed system (the lab, or the dual harness's hosts): a replica
-killed, pc2 cut off and then stopped, the Redis primary killed. In each the system keeps
+killed, pc2 cut off and then stopped, the Redis primary killed, the primary's machine cut
+off with clients on both sides, a host frozen, slow links. In each the system keeps
 answering every request for which a live replica exists, loses no acknowledged write, shows
 what is degraded, and heals."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -129,3 +131,80 @@ def test_the_redis_primary_killed_under_load(deployed: Deployment) -> None:
     wait_until("the old primary back as a replica",
                lambda: deployed.redis(old).info("replication")["role"] == "slave")
     wait_until("every instance serving", lambda: serving(deployed))
+
+
+def primary_machine(deployed: Deployment) -> str:
+    """The machine whose Redis the Sentinels name primary now."""
+    address = deployed.sentinel(deployed.addresses["mainpc"]).sentinel_get_master_addr_by_name(
+        "agentlink")[0]
+    return next(m for m, a in deployed.addresses.items() if a == address)
+
+
+def load_from(deployed: Deployment, machine: str, duration: float) -> subprocess.Popen[str]:
+    """`agentlink load` from inside the machine's network, as a client on that machine."""
+    sentinels = [arg for s in deployed.sentinels for arg in ("--sentinel", s)]
+    command = [*deployed.inside(machine), sys.executable, "-m", "agentlink", "load",
+               *sentinels, "--rate", "40", "--duration", str(duration), "--timeout", "20",
+               "--workers", "64", "--json", *(arg for t in TARGETS for arg in ("--target", t))]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+
+
+def test_the_primary_s_machine_cut_off_with_clients_on_both_sides(deployed: Deployment
+                                                                  ) -> None:
+    """The issue's partition: the Redis primary's machine off the LAN for 22 s, a load on
+    each side. The majority side (the controller, the other machine, the witness) fails
+    nothing: the Sentinels elect the other Redis and every agent has a replica there. The
+    cut-off side reaches its own replicas: all it may fail are state writes, which a primary
+    without a Sentinel majority refuses, and no acknowledged write is lost on either side."""
+    machine = primary_machine(deployed)
+    inside = load_from(deployed, machine, duration=40)
+
+    def partition() -> None:
+        deployed.cut(machine)
+        try:
+            time.sleep(22)
+        finally:
+            deployed.heal(machine)
+
+    try:
+        outside = under_load(deployed, partition, duration=40)
+        stdout, _ = inside.communicate(timeout=120)
+    finally:
+        inside.kill()
+    assert_nothing_lost(outside)
+    cut_off = json.loads(stdout)
+    refused = {why: n for why, n in cut_off["failures"].items() if why.startswith(MEMORY)}
+    assert cut_off["failures"] == refused, (cut_off["failures"], cut_off["failure_examples"])
+    assert cut_off["lost"] == 0 and cut_off["unsent"] == 0
+    assert cut_off["succeeded"] > cut_off["sent"] / 2  # its coordinator and twin calls
+    wait_until("the old primary back as a replica", lambda: replicated(deployed))
+    wait_until("every instance serving", lambda: serving(deployed))
+
+
+def test_a_host_frozen_for_10s_under_load(deployed: Deployment) -> None:
+    """`docker pause`: the process holds its connections and answers nothing, as a stuck
+    interpreter would; its replicas elsewhere take its requests."""
+    host = deployed.container("agentlink-pc2-core")  # SDT-2, MOS-2, RC-2
+
+    def freeze() -> None:
+        host.pause()
+        try:
+            time.sleep(10)
+        finally:
+            host.unpause()
+
+    report = under_load(deployed, freeze)
+    assert_nothing_lost(report)
+    wait_until("pc2-core serving again", lambda: serving(deployed))
+
+
+def test_slow_links_under_load(deployed: Deployment) -> None:
+    """50 ms delay and 5% loss on everything every machine sends onto the LAN."""
+    machines = list(deployed.machines)
+    try:
+        report = under_load(deployed, lambda: [deployed.slow(m) for m in machines])
+    finally:
+        for machine in machines:
+            deployed.fast(machine)
+    assert_nothing_lost(report)

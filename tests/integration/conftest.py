@@ -36,6 +36,9 @@ from agentlink.topology import Topology, load
 ROOT = Path(__file__).resolve().parents[2]
 INVENTORY = Path(os.environ.get("AGENTLINK_INVENTORY") or ROOT / "inventory" / "lab")
 HARNESS = ROOT / "scripts" / "dual_hosts.py"
+# What `slow` does to a lab machine; the dual harness has the same (scripts/dual_hosts.py).
+SLOW_LOSS = ("-m", "statistic", "--mode", "random", "--probability", "0.05")
+SLOW_DELAY = ("netem", "delay", "50ms")
 HARNESS_INVENTORY = ROOT / "molecule" / "dual" / "inventory"
 
 
@@ -156,18 +159,67 @@ class Deployment:
     # --- faults ---------------------------------------------------------------------------
 
     def cut(self, machine: str) -> None:
-        """Cut the machine off the LAN: packets dropped, connections hang."""
+        """Cut the machine off the LAN: packets dropped both ways, connections hang, and the
+        machine keeps its address and reaches itself, as behind a pulled cable. (Docker's
+        network disconnect would take the address away from the machine itself.)"""
         if self.lab:
-            self._lan().disconnect(self._anchor(machine))
+            for rule in self._lan_rules(machine):
+                self._in_lab_machine(machine, "iptables", "-I", *rule, "-j", "DROP")
         else:
             self._harness("cut", machine)
 
     def heal(self, machine: str) -> None:
         if self.lab:
-            self._lan().connect(self._anchor(machine), ipv4_address=self.addresses[machine],
-                                aliases=[machine])
+            for rule in self._lan_rules(machine):
+                self._in_lab_machine(machine, "iptables", "-D", *rule, "-j", "DROP")
         else:
             self._harness("heal", machine)
+
+    def slow(self, machine: str) -> None:
+        """5% loss on everything the machine sends onto the LAN, and 50 ms delay where the
+        kernel has netem (as scripts/dual_hosts.py slow does)."""
+        if not self.lab:
+            self._harness("slow", machine)
+            return
+        device = self._lan_device(machine)
+        self._in_lab_machine(machine, "iptables", "-I", "OUTPUT", "-o", device, *SLOW_LOSS,
+                             "-j", "DROP")
+        self._in_lab_machine(machine, "tc", "qdisc", "replace", "dev", device, "root",
+                             *SLOW_DELAY, check=False)
+
+    def fast(self, machine: str) -> None:
+        if not self.lab:
+            self._harness("fast", machine)
+            return
+        device = self._lan_device(machine)
+        self._in_lab_machine(machine, "iptables", "-D", "OUTPUT", "-o", device, *SLOW_LOSS,
+                             "-j", "DROP")
+        self._in_lab_machine(machine, "tc", "qdisc", "del", "dev", device, "root",
+                             check=False)
+
+    def inside(self, machine: str) -> list[str]:
+        """The command prefix that runs a program of this machine (the controller) in the
+        machine's network: a client on the machine's side of a partition."""
+        if self.lab:
+            return ["nsenter", "-t", str(self._anchor(machine).attrs["State"]["Pid"]), "-n"]
+        if not self.harness:
+            pytest.skip(f"{self.inventory} is real machines: the tests run no client there")
+        return [sys.executable, str(HARNESS), "inside", machine, "--"]
+
+    def _lan_rules(self, machine: str) -> list[list[str]]:
+        device = self._lan_device(machine)
+        return [["INPUT", "-i", device], ["OUTPUT", "-o", device]]
+
+    def _lan_device(self, machine: str) -> str:
+        """The lab machine's interface on the lan network: the one with its address."""
+        found = self._in_lab_machine(machine, "ip", "-o", "-4", "addr", "show")
+        return next(line.split()[1] for line in found.splitlines()
+                    if f" {self.machines[machine].address}/" in line)
+
+    def _in_lab_machine(self, machine: str, *argv: str, check: bool = True) -> str:
+        """A command of this machine (iptables, tc) in the anchor's network namespace."""
+        return subprocess.run([*self.inside(machine), *argv], check=check,
+                              capture_output=True, text=True).stdout
 
     def stop(self, machine: str) -> list[Container]:
         """Lose the machine: stop every container of it (the lab's anchor last); what start()
@@ -182,9 +234,6 @@ class Deployment:
         for container in reversed(stopped):
             container.start()
 
-    def _lan(self) -> Any:
-        return docker.from_env().networks.get("agentlink-lan")
-
     def _anchor(self, machine: str) -> Container:
         return docker.from_env().containers.get(f"agentlink-{machine}")
 
@@ -192,7 +241,7 @@ class Deployment:
         if not self.harness:
             pytest.skip(f"{self.inventory} is real machines: the tests do not cut them off")
         subprocess.run([sys.executable, str(HARNESS), action, machine], check=True,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=60)
 
     # --- the toolkit on this inventory ---------------------------------------------------
 
