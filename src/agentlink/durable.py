@@ -6,15 +6,21 @@ replica is connected, confirmed by it (WAIT): so it survives the primary's loss 
 Sentinels' failover. With no replica connected, the fsynced copy alone is the guarantee (it
 survives a restart of that Redis), but only while no failover can happen behind this
 primary's back: a Sentinel that this client reaches must see a majority of the Sentinels
-(CKQUORUM) and name this primary. A primary cut off from the LAN with its own Sentinel gets
-neither, while the majority elects its replica, so a write it took would be lost when it
-rejoins as a replica: such a write is refused (NoQuorum), never acknowledged. Reads and
-writes ride out a failover or a restart (seconds) instead of failing.
+(CKQUORUM), and a majority of the Sentinels must name this primary. A primary cut off from
+the LAN with its own Sentinel gets neither, while the majority elects its replica, so a
+write it took would be lost when it rejoins as a replica: such a write is refused
+(NoQuorum), never acknowledged. Back on the LAN, the old primary stays a primary for 8 s or
+more before the Sentinels demote it, and its own Sentinel may name it a little longer: the
+majority's answer sends writes and reads to the new primary (PrimaryMoved, retried there).
+A read is answered only by a primary that would acknowledge a write, so an acknowledged
+write is never read back missing from a demoted or stale Redis. Reads and writes ride out
+a failover or a restart (seconds) instead of failing.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +28,9 @@ import redis
 
 from agentlink.registry import REDIS_ERRORS
 
-# Writes as one pipeline: WAIT counts the writes of its own connection.
+# Writes (or a read) as one pipeline: WAIT counts the writes of its own connection.
 Writes = Callable[[Any], Any]
+Reads = Callable[[Any], Any]
 
 
 class StateNotReplicated(RuntimeError):
@@ -33,6 +40,11 @@ class StateNotReplicated(RuntimeError):
 class NoQuorum(StateNotReplicated):
     """No replica, and no Sentinel that sees a majority names this primary: a failover may
     be under way elsewhere, so the write is not acknowledged."""
+
+
+class PrimaryMoved(StateNotReplicated):
+    """This Redis is no longer the primary the Sentinels' majority names (a failover while it
+    was cut off, or it is a replica now): not acknowledged here, tried again on theirs."""
 
 
 # What a durable read or write raises once the outage outlasts its patience.
@@ -86,6 +98,24 @@ class Durable:
         """Queue `writes` on a pipeline and return their results once acknowledged."""
         return list(self.retrying(lambda: self._replicated(writes)))
 
+    def read(self, reads: Reads) -> Any:
+        """The result of the one read `reads` queues, from a primary that would acknowledge
+        a write: a demoted primary (a replica now) or a lone one without a Sentinel
+        majority may miss acknowledged writes, so it does not answer."""
+        return self.retrying(lambda: self._from_primary(reads))
+
+    def _from_primary(self, reads: Reads) -> Any:
+        pipe = self.client.pipeline(transaction=False)
+        reads(pipe)
+        pipe.info("replication")
+        value, replication = pipe.execute()
+        if replication.get("role") != "master":
+            self.client.connection_pool.disconnect(inuse_connections=False)
+            raise PrimaryMoved("this Redis is a replica now: read again from the primary")
+        if not replication.get("connected_slaves"):
+            self._check_quorum()
+        return value
+
     def _replicated(self, writes: Writes, wait: bool | None = None) -> list[Any]:
         """Write, and when a replica is connected, wait for it to confirm. WAIT blocks for
         its whole timeout when no replica is there, so it is only sent when one was seen;
@@ -114,29 +144,54 @@ class Durable:
         return own
 
     def _check_quorum(self) -> None:
-        """Raise NoQuorum unless a reachable Sentinel sees a majority of the Sentinels and
-        names the primary this client writes to. A plain Redis (no Sentinels: a local run)
-        has nothing to fail over to."""
+        """Return when a majority of the Sentinels name the primary this client writes to,
+        each seeing a majority of the Sentinels (CKQUORUM); raise PrimaryMoved when such a
+        majority names another one, NoQuorum otherwise. A plain Redis (no Sentinels: a
+        local run) has nothing to fail over to."""
         pool = self.client.connection_pool
         manager = getattr(pool, "sentinel_manager", None)
         if manager is None:
             return
-        service, primary = pool.service_name, pool.master_address
-        said = []
-        for sentinel in list(manager.sentinels):
+        sentinels = list(manager.sentinels)
+        majority = len(sentinels) // 2 + 1
+        primary = _address(pool.master_address)
+        named: dict[int, tuple[str, int] | None] = {}  # id(sentinel) -> its primary
+        said: list[str] = []
+        for sentinel in sentinels:
             try:
-                sentinel.execute_command("SENTINEL", "CKQUORUM", service)
-                named = sentinel.sentinel_get_master_addr_by_name(service)
+                sentinel.execute_command("SENTINEL", "CKQUORUM", pool.service_name)
+                named[id(sentinel)] = _address(
+                    sentinel.sentinel_get_master_addr_by_name(pool.service_name))
             except redis.ResponseError as err:  # NOQUORUM: it sees no majority
                 said.append(str(err))
-                continue
             except REDIS_ERRORS:
-                continue
-            if primary is None or _address(named) == _address(primary):
+                said.append("a Sentinel does not answer")
+            votes = Counter(named.values())
+            if primary is None or votes[primary] >= majority:
+                _rank(manager, named, primary)
                 return
-            said.append(f"a Sentinel names {named}, not {primary}")
+        votes = Counter(named.values())
+        elsewhere, count = votes.most_common(1)[0] if votes else (None, 0)
+        _rank(manager, named, elsewhere)
+        if count >= majority:
+            # The pool finds the primary when it connects: through a Sentinel of the majority.
+            pool.disconnect(inuse_connections=False)
+            raise PrimaryMoved(f"a majority of the Sentinels names {elsewhere}, not {primary}")
+        said += [f"{n} name {where}" for where, n in votes.items()]
         raise NoQuorum("no replica and no Sentinel majority for this primary: the write is not "
-                       f"acknowledged ({'; '.join(said) or 'no Sentinel answers'})")
+                       f"acknowledged ({'; '.join(said)})")
+
+
+def _rank(manager: Any, named: dict[int, tuple[str, int] | None],
+          primary: tuple[str, int] | None) -> None:
+    """Sentinels that name `primary` first, then the others that answered, the silent
+    last: redis-py asks them in order when it looks up the primary, and a Sentinel cut off
+    costs its whole connect timeout. A new list, as lookups iterate the old one."""
+    def rank(sentinel: Any) -> int:
+        if id(sentinel) not in named:
+            return 2
+        return 0 if named[id(sentinel)] == primary else 1
+    manager.sentinels = sorted(manager.sentinels, key=rank)
 
 
 def _address(pair: Any) -> tuple[str, int] | None:

@@ -135,7 +135,7 @@ class RedisState:
         return True
 
     def get(self, key: str) -> Any:
-        value = self.durable.retrying(lambda: self.client.hget(self.key, key))
+        value = self.durable.read(lambda pipe: pipe.hget(self.key, key))
         return None if value is None else json.loads(value)
 
     def put(self, key: str, value: Any) -> None:

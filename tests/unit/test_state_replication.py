@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from agentlink.durable import NoQuorum, StateNotReplicated
+from agentlink.durable import NoQuorum, PrimaryMoved, StateNotReplicated
 from agentlink.host import RedisState
 from agentlink.redis_server import RedisServer
 from agentlink.registry import redis_client
@@ -94,18 +94,16 @@ def test_a_write_during_a_redis_restart_is_acknowledged_and_kept(tmp_path: Path)
 
 
 @pytest.fixture
-def primary_with_sentinel(tmp_path: Path) -> Iterator[Callable[[int], redis.Redis]]:
-    """A lone primary, and a factory: a client of it through one real Sentinel that watches
-    it with the quorum given (of one Sentinel: 1 is a majority, 2 cannot be reached)."""
-    server = RedisServer(tmp_path / "primary")
-    server.start()
+def start_sentinel(tmp_path: Path) -> Iterator[Callable[[int, int], str]]:
+    """A factory: a real Sentinel that watches the Redis on the port given, with the quorum
+    given (of one Sentinel: 1 is a majority, 2 cannot be reached); its address."""
     sentinels: list[subprocess.Popen[bytes]] = []
 
-    def through_sentinel(quorum: int) -> redis.Redis:
+    def start(redis_port: int, quorum: int) -> str:
         port = free_ports(1)[0]
         conf = tmp_path / f"sentinel-{port}.conf"
         conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                        f"sentinel monitor agentlink 127.0.0.1 {server.port} {quorum}\n")
+                        f"sentinel monitor agentlink 127.0.0.1 {redis_port} {quorum}\n")
         sentinels.append(subprocess.Popen(["redis-server", str(conf), "--sentinel"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         probe = redis.Redis(port=port, socket_connect_timeout=0.2)
@@ -117,14 +115,27 @@ def primary_with_sentinel(tmp_path: Path) -> Iterator[Callable[[int], redis.Redi
                 return False
 
         eventually(answers, what="the Sentinel")
-        return redis_client({"sentinels": [f"127.0.0.1:{port}"], "service": "agentlink"})
+        return f"127.0.0.1:{port}"
 
     try:
-        yield through_sentinel
+        yield start
     finally:
         for sentinel in sentinels:
             sentinel.terminate()
             sentinel.wait(10)
+
+
+@pytest.fixture
+def primary_with_sentinel(tmp_path: Path, start_sentinel: Callable[[int, int], str]
+                          ) -> Iterator[Callable[[int], redis.Redis]]:
+    """A lone primary, and a factory: a client of it through one real Sentinel that watches
+    it with the quorum given."""
+    server = RedisServer(tmp_path / "primary")
+    server.start()
+    try:
+        yield lambda quorum: redis_client({"sentinels": [start_sentinel(server.port, quorum)],
+                                           "service": "agentlink"})
+    finally:
         server.stop()
 
 
@@ -142,3 +153,34 @@ def test_a_lone_primary_without_a_sentinel_majority_refuses_the_write(
     state = RedisState(primary_with_sentinel(2), "Memory", outage_s=10)
     with pytest.raises(NoQuorum, match="NOQUORUM"):
         state.put("k", 1)
+
+
+def test_a_redis_that_is_no_longer_primary_answers_no_read(
+        primary_and_replica: tuple[redis.Redis, redis.Redis, int]) -> None:
+    """As a client still connected to a primary the Sentinels demoted: what that Redis
+    holds may miss writes the new primary acknowledged, so it does not answer."""
+    primary, replica, _ = primary_and_replica
+    RedisState(primary, "Memory").put("k", 1)
+    with pytest.raises(PrimaryMoved, match="a replica now"):
+        RedisState(replica, "Memory", outage_s=0.5).get("k")
+
+
+def test_a_primary_only_its_own_sentinel_names_is_left_for_the_majority_s(
+        tmp_path: Path, start_sentinel: Callable[[int, int], str]) -> None:
+    """As an old primary back on the LAN after a failover, before the Sentinels demote it:
+    its own Sentinel (asked first) still names it, the two others name the new one. The
+    write is acknowledged on the new primary, never on the old one alone."""
+    old, new = RedisServer(tmp_path / "old"), RedisServer(tmp_path / "new")
+    for server in (old, new):
+        server.start()
+    try:
+        sentinels = [start_sentinel(old.port, 1), start_sentinel(new.port, 1),
+                     start_sentinel(new.port, 1)]
+        state = RedisState(redis_client({"sentinels": sentinels, "service": "agentlink"}),
+                           "Memory")
+        state.put("k", 1)
+        assert redis.Redis(port=new.port).hget("agentlink:state:Memory", "k") == b"1"
+        assert state.get("k") == 1
+    finally:
+        for server in (old, new):
+            server.stop()

@@ -178,7 +178,7 @@ class WorkflowEngine:
 
     def status(self, workflow_id: str) -> dict[str, Any]:
         """A workflow's record as stored, without its definition; any replica answers."""
-        text = self.durable.retrying(lambda: self.client.get(record_key(workflow_id)))
+        text = self.durable.read(lambda pipe: pipe.get(record_key(workflow_id)))
         if text is None:
             raise UnknownWorkflow(f"no workflow {workflow_id!r} (unknown, or past retention)")
         record = json.loads(text)
@@ -264,7 +264,7 @@ class WorkflowEngine:
 
     def _resume(self, ids: list[str]) -> None:
         for wid in ids:
-            text = self.durable.retrying(lambda w=wid: self.client.get(record_key(w)))
+            text = self.durable.read(lambda pipe, w=wid: pipe.get(record_key(w)))
             if text is None:
                 continue
             record = json.loads(text)
