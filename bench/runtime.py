@@ -157,9 +157,12 @@ def reference_up(workdir: Path, redis_url: str) -> dict[str, float]:
         pids = [json.loads(p.read_text())["pid"] for p in (lab.home / "run").glob("*.json")]
         rss = sum(psutil.Process(pid).memory_info().rss for pid in pids) / 2**20
     finally:
+        started = time.perf_counter()
         lab.down(progress=lambda _: None)
+        down_s = time.perf_counter() - started
     return {"seconds": report.seconds, "processes": len(pids), "rss_mb": rss,
-            "instances": len(topology.instances), "agents": len(topology.agents)}
+            "instances": len(topology.instances), "agents": len(topology.agents),
+            "down_seconds": down_s}
 
 
 def main() -> int:
@@ -209,7 +212,8 @@ def report(trips: dict[str, dict[str, float]], memory: dict[int, float],
     print(f"\nmarginal memory per co-hosted agent: {per_agent:.2f} MB")
     print(f"\nagentlink up of the reference system: {up['instances']:.0f} instances of "
           f"{up['agents']:.0f} agents in {up['processes']:.0f} processes healthy in "
-          f"{up['seconds']:.2f} s; their resident memory {up['rss_mb']:.0f} MB")
+          f"{up['seconds']:.2f} s; their resident memory {up['rss_mb']:.0f} MB; "
+          f"agentlink down stopped them in {up['down_seconds']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,17 +40,20 @@ def running(pid: int) -> bool:
 
 def terminate(pids: list[int], deadline: float = STOP_DEADLINE) -> None:
     """SIGTERM to all at once, wait for their graceful stops together, then SIGKILL the
-    ones still there: stopping ten hosts takes as long as the slowest, not the sum."""
-    procs = []
+    ones still there: stopping ten hosts takes as long as the slowest, not the sum. A host
+    that exited is stopped even while it waits as a zombie for a parent to reap it (psutil
+    waits for the reaping, which an init that reaps late delays by seconds)."""
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            proc.send_signal(signal.SIGTERM)
-            procs.append(proc)
-    _, alive = psutil.wait_procs(procs, timeout=deadline)
-    for proc in alive:
+            psutil.Process(pid).send_signal(signal.SIGTERM)
+    end = time.monotonic() + deadline
+    alive = [pid for pid in pids if running(pid)]
+    while alive and time.monotonic() < end:
+        time.sleep(0.02)
+        alive = [pid for pid in alive if running(pid)]
+    for pid in alive:
         with contextlib.suppress(psutil.Error):
-            proc.kill()
+            psutil.Process(pid).kill()
 
 
 def check_ports_free(topology: Topology) -> list[str]:
