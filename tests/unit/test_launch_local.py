@@ -21,6 +21,7 @@ import yaml
 from agentlink.client import FailoverClient
 from agentlink.config import render_startup_config, write_startup_config
 from agentlink.host import EXIT_DIED
+from agentlink.local import running
 from agentlink.registry import Registry, redis_client
 from agentlink.testing import free_ports
 from agentlink.topology import load
@@ -173,9 +174,11 @@ def test_a_failed_up_stops_the_redis_it_started(tmp_path: Path, home: Path) -> N
 
 
 def redis_servers_of(home: Path) -> list[int]:
+    """The live redis-servers of this home. psutil gives a process that ends while it is
+    listed (a zombie, or gone) no cmdline, and `running` says no for it."""
     return [p.pid for p in psutil.process_iter(["name", "cmdline"])
-            if p.info["name"] == "redis-server" and str(home) in " ".join(p.info["cmdline"])
-            and p.status() != psutil.STATUS_ZOMBIE]
+            if p.info["name"] == "redis-server"
+            and str(home) in " ".join(p.info["cmdline"] or ()) and running(p.pid)]
 
 
 def test_local_hosts_listen_on_loopback_only(tmp_path: Path, home: Path,
