@@ -46,7 +46,8 @@ local-down: $(STAMP)
 	$(BIN)/agentlink down
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench library filter_plugins roles
+	$(BIN)/ruff check src tests bench library filter_plugins roles scripts
+	$(BIN)/mypy
 
 unit: $(STAMP) system docker
 	$(BIN)/pytest

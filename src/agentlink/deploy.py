@@ -93,5 +93,5 @@ def remove(topology: Topology, backend: DockerBackend) -> dict[str, Any]:
             removed.append(backend.name(unit))
     for container in backend.containers():  # orphans, and hosts an upgrade kept aside
         container.remove(force=True)
-        removed.append(container.name)
+        removed.append(str(container.name))
     return {"changed": bool(removed), "removed": removed}

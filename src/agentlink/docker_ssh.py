@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,7 +31,7 @@ class SSHForwardError(OSError):
     pass
 
 
-def forward_argv(url: str, local: str, ssh_args: list[str] | str = ()) -> list[str]:
+def forward_argv(url: str, local: str, ssh_args: Sequence[str] | str = ()) -> list[str]:
     """The ssh command line that forwards the engine of `url` (ssh://[user@]host[:port]
     [/path/of/docker.sock]) to the local socket path `local`."""
     parts = urlsplit(url)
@@ -52,7 +53,7 @@ class SSHForward:
     """One `ssh -L` from a local socket to a machine's Docker socket, for this process's
     lifetime at most."""
 
-    def __init__(self, url: str, ssh_args: list[str] | str = (), timeout: float = 20.0
+    def __init__(self, url: str, ssh_args: Sequence[str] | str = (), timeout: float = 20.0
                  ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="agentlink-ssh-")
         self.local = str(Path(self._dir.name) / "docker.sock")

@@ -148,7 +148,7 @@ class Durable:
         each seeing a majority of the Sentinels (CKQUORUM); raise PrimaryMoved when such a
         majority names another one, NoQuorum otherwise. A plain Redis (no Sentinels: a
         local run) has nothing to fail over to."""
-        pool = self.client.connection_pool
+        pool: Any = self.client.connection_pool  # a SentinelConnectionPool, or not
         manager = getattr(pool, "sentinel_manager", None)
         if manager is None:
             return

@@ -65,10 +65,11 @@ MAX_HTTP_PATH = 1024
 # Messages one peer may have waiting at the ROUTER; then libzmq stops reading its connection
 # and TCP pushes back on the sender. Clients keep one request in flight per socket.
 ROUTER_RCVHWM = 256
-_PEER_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed",
-                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
-                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
-                zmq.EVENT_DISCONNECTED: "disconnected"}
+_PEER_EVENTS: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+    zmq.EVENT_DISCONNECTED: "disconnected"}
 
 
 def harden_router(sock: zmq.Socket[bytes]) -> None:

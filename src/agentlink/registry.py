@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -47,6 +47,11 @@ class InstanceRecord:
         return cls(**json.loads(text))
 
 
+def as_text(reply: bytes | str) -> str:
+    """A Redis reply as text: these clients leave responses undecoded."""
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
 def redis_client(settings: dict[str, Any]) -> redis.Redis:
     """A client for `{"url": ...}` or `{"sentinels": ["host:port"], "service": ...}`.
 
@@ -68,7 +73,7 @@ def redis_client(settings: dict[str, Any]) -> redis.Redis:
         sentinel = Sentinel(nodes, sentinel_kwargs={
             key: options[key] for key in ("socket_timeout", "socket_connect_timeout", "retry")
         } | {"password": _password(settings, "sentinel_password")}, **options)
-        return sentinel.master_for(settings.get("service", "agentlink"))
+        return cast(redis.Redis, sentinel.master_for(settings.get("service", "agentlink")))
     return redis.Redis.from_url(settings.get("url", "redis://127.0.0.1:6379/0"), **options)
 
 
@@ -150,7 +155,7 @@ class Registry:
 
     def records(self, agent: str) -> list[InstanceRecord]:
         """Every fresh record of an agent, whatever its state; raises when Redis is down."""
-        ids = sorted(m.decode() for m in self.client.smembers(self._members(agent)))
+        ids = sorted(as_text(m) for m in self.client.smembers(self._members(agent)))
         if not ids:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -180,7 +185,7 @@ class Registry:
         return found
 
     def agents(self) -> list[str]:
-        return sorted(m.decode() for m in self.client.smembers(f"{PREFIX}:agents"))
+        return sorted(as_text(m) for m in self.client.smembers(f"{PREFIX}:agents"))
 
     def publish_resources(self, group: str, sample: dict[str, Any]) -> None:
         """A host's resource sample, expiring like its records; best effort."""

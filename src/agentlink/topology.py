@@ -7,7 +7,7 @@ Ansible toolkit all read the system through it. `validate()` reports every probl
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -171,7 +171,7 @@ class Topology:
 # --- loading with line numbers (workflow definitions load the same way) --------------------
 
 
-class LineDict(dict[str, Any]):
+class LineDict(dict[Hashable, Any]):
     line: int = 0
 
 
@@ -283,7 +283,7 @@ class _Checker:
                 self.add(f"duplicate agent name '{agent.name}'", line_of(raw))
                 continue
             agents[agent.name] = agent
-        lines = {r.get("name"): line_of(r) for r in raw_agents if isinstance(r, dict)}
+        lines = {str(r.get("name")): line_of(r) for r in raw_agents if isinstance(r, dict)}
         topology = Topology(path, dict(machines), agents,
                             {name: lines.get(name) for name in agents})
         self.dependencies(agents, lines)
@@ -402,7 +402,7 @@ class _Checker:
                 if key in owner and owner[key] != group:
                     clashes.setdefault((owner[key], group), key)
                 owner.setdefault(key, group)
-        first_line = {}
+        first_line: dict[str, int | None] = {}
         for inst in topology.instances:
             first_line.setdefault(inst.placement.group, lines.get(inst.agent.name))
         for (first, second), (machine, port) in clashes.items():

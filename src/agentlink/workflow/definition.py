@@ -125,6 +125,7 @@ def referenced_steps(text: str) -> set[str]:
     """Step ids a template reads as `steps.<id>` or `steps['<id>']`; raises on bad syntax."""
     found = set()
     for node in _ENV.parse(text).find_all((nodes.Getattr, nodes.Getitem)):
+        assert isinstance(node, nodes.Getattr | nodes.Getitem)  # what find_all looked for
         inner = node.node
         if not (isinstance(inner, nodes.Name) and inner.name == "steps"):
             continue

@@ -20,7 +20,7 @@ import random
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,7 @@ import redis
 from agentlink import protocol
 from agentlink.agent import Caller
 from agentlink.durable import DURABLE_ERRORS, Durable
+from agentlink.registry import as_text
 from agentlink.topology import DEFAULT_CONCURRENCY
 from agentlink.workflow.definition import Workflow, parse
 from agentlink.workflow.scheduler import Scheduler, Task
@@ -110,12 +111,12 @@ class EngineStats:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self.seconds: Counter[str] = Counter()
+        self.seconds: defaultdict[str, float] = defaultdict(float)
         self._lock = threading.Lock()
 
-    def snapshot(self) -> tuple[Counter[str], Counter[str]]:
+    def snapshot(self) -> tuple[Counter[str], defaultdict[str, float]]:
         with self._lock:
-            return Counter(self.counts), Counter(self.seconds)
+            return Counter(self.counts), defaultdict(float, self.seconds)
 
     def count(self, what: str, seconds: float | None = None) -> None:
         with self._lock:
@@ -178,10 +179,10 @@ class WorkflowEngine:
 
     def status(self, workflow_id: str) -> dict[str, Any]:
         """A workflow's record as stored, without its definition; any replica answers."""
-        text = self.durable.read(lambda pipe: pipe.get(record_key(workflow_id)))
+        text = self._stored(workflow_id)
         if text is None:
             raise UnknownWorkflow(f"no workflow {workflow_id!r} (unknown, or past retention)")
-        record = json.loads(text)
+        record: dict[str, Any] = json.loads(text)
         record.pop("document", None)
         return record
 
@@ -207,7 +208,7 @@ class WorkflowEngine:
             self._keeper.join(2.0)
         with self._runs_lock:
             self._runs.clear()
-        with contextlib.suppress(DURABLE_ERRORS):  # if not, it expires on its own
+        with contextlib.suppress(*DURABLE_ERRORS):  # if not, it expires on its own
             self.client.delete(alive_key(self.owner))
 
     def owned(self) -> int:
@@ -244,7 +245,7 @@ class WorkflowEngine:
             self._reconcile()
 
     def _reconcile(self) -> None:
-        ids = {m.decode() for m in self.client.smembers(owned_key(self.owner))}
+        ids = {as_text(m) for m in self.client.smembers(owned_key(self.owner))}
         with self._runs_lock:
             gone = [wid for wid in self._runs if wid not in ids]
             new = [wid for wid in ids if wid not in self._runs]
@@ -253,7 +254,7 @@ class WorkflowEngine:
         self._resume(new)
 
     def _adopt_dead(self) -> None:
-        owners = sorted(m.decode() for m in self.client.smembers(OWNERS))
+        owners = sorted(as_text(m) for m in self.client.smembers(OWNERS))
         for other in owners:
             if other == self.owner:
                 continue
@@ -262,9 +263,14 @@ class WorkflowEngine:
                 log.info("adopting %d workflow(s) of %s", len(ids), other)
                 self._resume([i.decode() for i in ids])
 
+    def _stored(self, workflow_id: str) -> bytes | None:
+        """A workflow's stored record, as the primary has it."""
+        stored: bytes | None = self.durable.read(lambda pipe: pipe.get(record_key(workflow_id)))
+        return stored
+
     def _resume(self, ids: list[str]) -> None:
         for wid in ids:
-            text = self.durable.read(lambda pipe, w=wid: pipe.get(record_key(w)))
+            text = self._stored(wid)
             if text is None:
                 continue
             record = json.loads(text)
