@@ -48,6 +48,8 @@ local-down: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench library filter_plugins roles scripts
 	$(BIN)/mypy
+	$(BIN)/yamllint -s .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-lint -q
 
 unit: $(STAMP) system docker
 	$(BIN)/pytest
