@@ -4,17 +4,18 @@ from agentlink.config import address_env, startup_config_for
 from agentlink.dashboards import dashboards, grafana_provisioning, validate_dashboard
 from agentlink.monitoring import scrape_targets
 from agentlink.security import secret_mount
-from agentlink.topology import load
+from agentlink.topology import load_once
 
 
 class FilterModule:
     def filters(self) -> dict[str, object]:
         return {
             "agentlink_startup_config": startup_config_for,
-            "agentlink_address_env": lambda path, addresses: address_env(load(path), addresses),
+            "agentlink_address_env": lambda path, addresses: address_env(load_once(path),
+                                                                         addresses),
             "agentlink_machine_groups": lambda path, machine: sorted(
-                g.name for g in load(path).groups.values() if g.machine == machine),
-            "agentlink_grafana_dashboards": lambda path: dashboards(load(path)),
+                g.name for g in load_once(path).groups.values() if g.machine == machine),
+            "agentlink_grafana_dashboards": lambda path: dashboards(load_once(path)),
             "agentlink_grafana_provisioning": grafana_provisioning,
             "agentlink_grafana_problems": validate_dashboard,
             "agentlink_scrape_targets": scrape_targets,

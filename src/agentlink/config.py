@@ -17,7 +17,7 @@ import yaml
 
 from agentlink.host import HostConfig, InstanceSpec
 from agentlink.security import CONTAINER_CURVE, CONTAINER_REDIS_AUTH
-from agentlink.topology import DEFAULT_CONCURRENCY, Topology, load
+from agentlink.topology import DEFAULT_CONCURRENCY, Topology, load_once
 
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
 
@@ -132,7 +132,7 @@ def startup_config_for(topology_path: str, machine: str, addresses: Mapping[str,
     The Sentinels are on every agent machine unless `sentinel_addresses` says otherwise (the
     witness runs one too). Secured: Redis with the agents' user and CURVE between hosts, the
     secrets read from files the container gets mounted (agentlink.security)."""
-    topology = load(topology_path)
+    topology = load_once(topology_path)
     redis = sentinel_settings(topology, sentinel_addresses or addresses, sentinel_port, service)
     if secured:
         redis |= CONTAINER_REDIS_AUTH

@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agentlink.topology import load
+from agentlink.topology import load_once
 
 TargetGroups = list[dict[str, Any]]
 
 
 def agent_targets(topology_path: str, addresses: Mapping[str, str]) -> TargetGroups:
     """One target per agent host: its HTTP port on its machine, labelled machine and group."""
-    topology = load(topology_path)
+    topology = load_once(topology_path)
     return [{"targets": [f"{addresses[g.machine]}:{g.http_port}"],
              "labels": {"machine": g.machine, "group": g.name}}
             for g in sorted(topology.groups.values(), key=lambda g: (g.machine, g.port))]

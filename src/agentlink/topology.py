@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +239,19 @@ def load(path: str | Path) -> Topology:
     if checker.problems:
         raise TopologyError(path, checker.problems)
     return topology
+
+
+def load_once(path: str | Path) -> Topology:
+    """`load`, parsed once per version of the file in this process: Ansible's templating
+    calls the filters for every host and task, each with the topology's path. A topology
+    is never changed once loaded, so callers can share one."""
+    stat = Path(path).stat()
+    return _load_version(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _load_version(path: str, mtime_ns: int, size: int) -> Topology:
+    return load(path)
 
 
 class _Checker:

@@ -211,3 +211,12 @@ def test_layers_command(tmp_path: Path) -> None:
                                       ("1.5G", 1536.0), ("lots", None), (0, None)])
 def test_memory_sizes(value: object, mb: float | None) -> None:
     assert topo.parse_memory(value) == mb
+
+
+def test_a_topology_loaded_once_is_read_again_when_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "t.yml"
+    path.write_text(HEAD + agent("A"))
+    first = topo.load_once(path)
+    assert topo.load_once(path) is first  # one parse for every filter call of a play
+    path.write_text(HEAD + agent("A") + agent("B", port=7000))
+    assert sorted(topo.load_once(path).agents) == ["A", "B"]
