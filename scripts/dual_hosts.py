@@ -208,7 +208,9 @@ def make_namespaces(host: Host) -> None:
         host.ns_file(kind).touch()
     hidden = "|".join(HIDDEN_MOUNTS)
     binds = "\n".join(f"mount --bind {host.home / own_dir(d)} {d}" for d in OWN_DIRS)
-    hides = "\n".join(f"mount -t tmpfs -o mode=0700 tmpfs {d}" for d in CONTROLLER_ONLY)
+    # A project under /tmp is gone already with the host's own /tmp.
+    hides = "\n".join(f"if [ -d {d} ]; then mount -t tmpfs -o mode=0700 tmpfs {d}; fi"
+                       for d in CONTROLLER_ONLY)
     etc = f"lowerdir=/etc,upperdir={host.home / 'etc-upper'},workdir={host.home / 'etc-work'}"
     script = f"""set -e
 findmnt -rn -o TARGET | grep -E '^({hidden})(/|$)' | sort -r | xargs -r -n1 umount -l
