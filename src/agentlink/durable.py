@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from agentlink.registry import REDIS_ERRORS
+from agentlink.registry import REDIS_ERRORS, as_text
 
 # Writes (or a read) as one pipeline: WAIT counts the writes of its own connection.
 Writes = Callable[[Any], Any]
@@ -156,6 +156,7 @@ class Durable:
         majority = len(sentinels) // 2 + 1
         primary = _address(pool.master_address)
         named: dict[int, tuple[str, int] | None] = {}  # id(sentinel) -> its primary
+        votes: Counter[tuple[str, int] | None] = Counter()
         said: list[str] = []
         for sentinel in sentinels:
             try:
@@ -164,13 +165,14 @@ class Durable:
                     sentinel.sentinel_get_master_addr_by_name(pool.service_name))
             except redis.ResponseError as err:  # NOQUORUM: it sees no majority
                 said.append(str(err))
+                continue
             except REDIS_ERRORS:
                 said.append("a Sentinel does not answer")
-            votes = Counter(named.values())
+                continue
+            votes[named[id(sentinel)]] += 1
             if primary is None or votes[primary] >= majority:
                 _rank(manager, named, primary)
                 return
-        votes = Counter(named.values())
         elsewhere, count = votes.most_common(1)[0] if votes else (None, 0)
         _rank(manager, named, elsewhere)
         if count >= majority:
@@ -199,4 +201,4 @@ def _address(pair: Any) -> tuple[str, int] | None:
     if not pair:
         return None
     host, port = pair
-    return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
+    return as_text(host), int(port)

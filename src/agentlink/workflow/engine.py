@@ -261,7 +261,7 @@ class WorkflowEngine:
             ids = self._adopt(keys=[alive_key(other), owned_key(other), owned_key(self.owner)])
             if ids:
                 log.info("adopting %d workflow(s) of %s", len(ids), other)
-                self._resume([i.decode() for i in ids])
+                self._resume([as_text(i) for i in ids])
 
     def _stored(self, workflow_id: str) -> bytes | None:
         """A workflow's stored record, as the primary has it."""
