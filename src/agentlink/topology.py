@@ -296,7 +296,8 @@ class _Checker:
                 self.add(f"duplicate agent name '{agent.name}'", line_of(raw))
                 continue
             agents[agent.name] = agent
-        lines = {str(r.get("name")): line_of(r) for r in raw_agents if isinstance(r, dict)}
+        lines = {r["name"]: line_of(r) for r in raw_agents
+                 if isinstance(r, dict) and isinstance(r.get("name"), str)}
         topology = Topology(path, dict(machines), agents,
                             {name: lines.get(name) for name in agents})
         self.dependencies(agents, lines)
