@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the tests' view of a deployment: inventory, faults
 
-from tests.failover.test_faults import primary_machine  # noqa: E402
+from tests.failover.test_faults import agentlink_load, primary_machine  # noqa: E402
 from tests.integration.conftest import INVENTORY, Deployment  # noqa: E402
 
 CUT_S = 22.0
@@ -37,13 +37,9 @@ LOAD_S = 45.0
 
 
 def load(deployed: Deployment, prefix: list[str], src: Path) -> subprocess.Popen[str]:
-    sentinels = [arg for s in deployed.sentinels for arg in ("--sentinel", s)]
+    """The faults' load, with the client and load generator of the tree `src`."""
     env = {**os.environ, "PYTHONPATH": str(src), "AGENTLINK_SECRETS": str(deployed.secrets)}
-    return subprocess.Popen([*prefix, sys.executable, "-m", "agentlink", "load", *sentinels,
-                             "--rate", "40", "--duration", str(LOAD_S), "--timeout", "20",
-                             "--workers", "64", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
+    return agentlink_load(deployed, prefix, LOAD_S, env)
 
 
 def side(report: dict[str, Any]) -> dict[str, Any]:

@@ -140,14 +140,21 @@ def primary_machine(deployed: Deployment) -> str:
     return next(m for m, a in deployed.addresses.items() if a == address)
 
 
-def load_from(deployed: Deployment, machine: str, duration: float) -> subprocess.Popen[str]:
-    """`agentlink load` from inside the machine's network, as a client on that machine."""
+def agentlink_load(deployed: Deployment, prefix: list[str], duration: float,
+                   env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`agentlink load` as a process, at the rate and patience of `under_load`, its JSON
+    report on stdout; `prefix` runs it elsewhere (inside a machine's network)."""
     sentinels = [arg for s in deployed.sentinels for arg in ("--sentinel", s)]
-    command = [*deployed.inside(machine), sys.executable, "-m", "agentlink", "load",
+    command = [*prefix, sys.executable, "-m", "agentlink", "load",
                *sentinels, "--rate", "40", "--duration", str(duration), "--timeout", "20",
                "--workers", "64", "--json", *(arg for t in TARGETS for arg in ("--target", t))]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+                            text=True, env=env)
+
+
+def load_from(deployed: Deployment, machine: str, duration: float) -> subprocess.Popen[str]:
+    """`agentlink load` from inside the machine's network, as a client on that machine."""
+    return agentlink_load(deployed, deployed.inside(machine), duration)
 
 
 def test_the_primary_s_machine_cut_off_with_clients_on_both_sides(deployed: Deployment
