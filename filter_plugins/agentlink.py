@@ -13,8 +13,6 @@ class FilterModule:
             "agentlink_startup_config": startup_config_for,
             "agentlink_address_env": lambda path, addresses: address_env(load_once(path),
                                                                          addresses),
-            "agentlink_machine_groups": lambda path, machine: sorted(
-                g.name for g in load_once(path).groups.values() if g.machine == machine),
             "agentlink_grafana_dashboards": lambda path: dashboards(load_once(path)),
             "agentlink_grafana_provisioning": grafana_provisioning,
             "agentlink_grafana_problems": validate_dashboard,

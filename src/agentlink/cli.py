@@ -225,13 +225,18 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:
-    from agentlink.security import OPERATOR, create_secrets
+    from agentlink.security import OPERATOR, create_secrets, write_machine_bundles
 
     topology = _load(args.topology)
     if topology is None:
         return EXIT_INVALID
     created = create_secrets(args.dir, [*sorted(topology.groups), OPERATOR])
-    _say(f"created: {', '.join(created)}" if created else "nothing to create")
+    groups_of = {machine: sorted(g.name for g in topology.groups.values() if g.machine == machine)
+                 for machine in args.machine}
+    bundled = write_machine_bundles(args.dir, groups_of, args.password) if args.machine else []
+    done = ([f"created: {', '.join(created)}"] if created else []) + (
+        [f"bundled: {', '.join(bundled)}"] if bundled else [])
+    _say("; ".join(done) or "nothing to create")
     return 0
 
 
@@ -417,6 +422,11 @@ def parser() -> argparse.ArgumentParser:
     secrets.add_argument("dir", help="the controller's secrets directory (made 0700)")
     secrets.add_argument("--topology", default=DEFAULT_TOPOLOGY,
                          help="a keypair for each of its groups, and the operator's")
+    secrets.add_argument("--machine", action="append", default=[],
+                         help="also write machines/<MACHINE>.tar: what that machine gets "
+                              "(repeatable)")
+    secrets.add_argument("--password", action="append", default=[],
+                         help="a password every machine's bundle holds (repeatable)")
     for cmd in (status, load, call):
         _registry_options(cmd)
     for cmd in (up, down):

@@ -10,8 +10,11 @@ CONTAINER_SECRETS, never as environment variables or image layers.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
+import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,53 @@ def _create_keys(directory: str, names: list[str]) -> list[str]:
         Path(public_file).replace(public / f"{name}.key")
         created.append(f"{name}.key")
     return created
+
+
+def machine_bundle(directory: str, groups: Iterable[str], passwords: Iterable[str]) -> bytes:
+    """What one machine gets of a secrets directory, as one tar rooted at the machine's
+    secrets directory: every public key, the secret keys of its own agent hosts (`groups`)
+    and `passwords`. Files are 0444 (only root reaches the 0700 directory above them).
+
+    One archive means one task per machine instead of one per file; the same secrets give
+    the same bytes (owner root, mtime 0, sorted), so nothing is rewritten without drift."""
+    base = Path(directory)
+    members: list[tuple[str, int, Path | None]] = [("public", 0o755, None)]
+    members += [(f"public/{key.name}", 0o444, key) for key in sorted(base.glob("public/*.key"))]
+    members.append(("private", 0o700, None))
+    members += [(f"private/{group}.key_secret", 0o444, base / "private" / f"{group}.key_secret")
+                for group in sorted(groups)]
+    members += [(name, 0o444, base / name) for name in sorted(passwords)]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, mode, source in members:
+            info = tarfile.TarInfo(name)
+            info.mode, info.uname, info.gname = mode, "root", "root"
+            if source is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                continue
+            data = source.read_bytes()
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def write_machine_bundles(directory: str, machine_groups: dict[str, list[str]],
+                          passwords: Iterable[str]) -> list[str]:
+    """`<directory>/machines/<machine>.tar` (0600) for each machine; returns the machines
+    whose bundle was new or different."""
+    folder = Path(directory, "machines")
+    folder.mkdir(exist_ok=True, mode=0o700)
+    written = []
+    for machine, groups in sorted(machine_groups.items()):
+        bundle, path = machine_bundle(directory, groups, passwords), folder / f"{machine}.tar"
+        if path.exists() and path.read_bytes() == bundle:
+            continue
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(bundle)
+        written.append(machine)
+    return written
 
 
 def read_secret(path: str) -> str:

@@ -4,6 +4,7 @@ served, each container given only its own secret key."""
 from __future__ import annotations
 
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from agentlink.security import (
     create_secrets,
     operator_keys,
     operator_settings,
+    write_machine_bundles,
 )
 from agentlink.testing import AgentSpec, host_config, wait_healthy
 
@@ -75,6 +77,31 @@ def test_secrets_are_created_once_private_and_never_replaced(tmp_path: Path) -> 
     assert create_secrets(str(tmp_path), ["g1", OPERATOR]) == []
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert len({(tmp_path / n).read_text() for n in PASSWORDS}) == len(PASSWORDS)
+
+
+def test_a_machine_s_bundle_holds_every_public_key_and_only_its_own_secret_keys(
+        tmp_path: Path) -> None:
+    controller, machine = tmp_path / "controller", tmp_path / "machine"
+    create_secrets(str(controller), ["m1-core", "m2-core", OPERATOR])
+    groups = {"m1": ["m1-core"], "witness": []}
+    assert write_machine_bundles(str(controller), groups, ["redis-admin"]) == ["m1", "witness"]
+    machine.mkdir()
+    bundle = controller / "machines" / "m1.tar"
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
+    subprocess.run(["tar", "--extract", "-C", machine, "-f", bundle], check=True)
+    unpacked = {str(p.relative_to(machine)): stat.S_IMODE(p.stat().st_mode)
+                for p in machine.rglob("*")}
+    assert unpacked == {"public": 0o755, "private": 0o700, "redis-admin": 0o444,
+                        "private/m1-core.key_secret": 0o444, "public/m1-core.key": 0o444,
+                        "public/m2-core.key": 0o444, f"public/{OPERATOR}.key": 0o444}
+    assert (machine / "redis-admin").read_bytes() == (controller / "redis-admin").read_bytes()
+    # What `ansible.builtin.unarchive` asks before it unpacks: nothing differs.
+    assert subprocess.run(["tar", "--diff", "-C", machine, "-f", bundle]).returncode == 0
+    assert write_machine_bundles(str(controller), groups, ["redis-admin"]) == []
+    create_secrets(str(controller), ["m1-core", "m1-speech"])
+    assert write_machine_bundles(str(controller), groups, ["redis-admin"]) == ["m1", "witness"]
+    assert subprocess.run(["tar", "--diff", "-C", machine, "-f", bundle],
+                          capture_output=True).returncode == 1
 
 
 def test_a_known_client_is_served_over_curve(curve_host: AgentHost, secrets_dir: Path) -> None:
