@@ -231,7 +231,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     if topology is None:
         return EXIT_INVALID
     created = create_secrets(args.dir, [*sorted(topology.groups), OPERATOR])
-    groups_of = {machine: sorted(g.name for g in topology.groups.values() if g.machine == machine)
+    groups_of = {machine: [g.name for g in topology.groups_on(machine)]
                  for machine in args.machine}
     bundled = write_machine_bundles(args.dir, groups_of, args.password) if args.machine else []
     done = ([f"created: {', '.join(created)}"] if created else []) + (

@@ -308,7 +308,7 @@ def resources(topology: Topology) -> Json:
         _rate("agentlink_process_cpu_seconds_total", "group"), "{{group}}")]), 24, 7)
     for machine in topology.machines:
         grid.row(f"Groups on {machine}: resident memory and limit")
-        for group in (g for g in topology.groups.values() if g.machine == machine):
+        for group in topology.groups_on(machine):
             grid.add(_group_memory(group.name), 6, 6)
     return _dashboard("agentlink-resources", "AgentLink: resources", grid)
 

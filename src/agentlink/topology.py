@@ -150,6 +150,10 @@ class Topology:
             groups.setdefault(p.group, Group(p.group, p.machine, p.port)).instances.append(inst)
         return groups
 
+    def groups_on(self, machine: str) -> list[Group]:
+        """The agent hosts (groups) a machine runs, in topology order."""
+        return [g for g in self.groups.values() if g.machine == machine]
+
     def layers(self) -> list[list[str]]:
         """Agent names by start layer: an agent starts one layer after its latest dependency."""
         return [list(names) for names in self._layers]
