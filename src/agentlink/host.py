@@ -16,6 +16,7 @@ import queue
 import socketserver
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,6 +63,14 @@ MAX_NAME_ECHO = 64
 HTTP_TIMEOUT_S = 5.0  # a client that sends nothing for this long is dropped
 MAX_HTTP_CONNECTIONS = 32
 MAX_HTTP_PATH = 1024
+# A request finding its instance at its `concurrency` waits for a place, off the workers, at
+# most SLOT_WAIT_S (below the failover client's shortest attempt, 1 s: it is answered before
+# its caller gives up on it) and behind at most PARKED_PER_PLACE * concurrency others; then
+# it is answered `overloaded`. The oldest waiting gets the next free place: while writes ride
+# out a Redis failover and places free one by one, a request no longer loses them to
+# whichever caller's retry happens to arrive first, until its deadline.
+SLOT_WAIT_S = 0.8
+PARKED_PER_PLACE = 8
 # Messages one peer may have waiting at the ROUTER; then libzmq stops reading its connection
 # and TCP pushes back on the sender. Clients keep one request in flight per socket.
 ROUTER_RCVHWM = 256
@@ -88,9 +97,9 @@ class InstanceSpec:
     depends_on: list[str] = field(default_factory=list)
     health_timeout: float = 15.0
     options: dict[str, Any] = field(default_factory=dict)
-    # Requests the instance runs at once (the topology's `concurrency`); more are answered
-    # `overloaded`, so one agent stuck (writes waiting out a partition) cannot take every
-    # worker of its host from the others.
+    # Requests the instance runs at once (the topology's `concurrency`); more wait for a place
+    # without a worker, briefly (SLOT_WAIT_S), then are answered `overloaded`: one agent stuck
+    # (writes waiting out a partition) cannot take every worker of its host from the others.
     concurrency: int = DEFAULT_CONCURRENCY
 
 
@@ -110,6 +119,7 @@ class HostConfig:
     # that one agent stuck in a Redis failover does not starve its group's other agents.
     workers: int = 32
     stop_deadline: float = 10.0
+    slot_wait: float = SLOT_WAIT_S
     system: dict[str, Any] = field(default_factory=dict)  # see render_startup_config
     curve: dict[str, str] = field(default_factory=dict)  # keys' files; empty: CURVE off
     # The address both ports listen on: every interface ("*") on a machine, loopback for
@@ -146,8 +156,13 @@ class RedisState:
         self.durable.write(lambda pipe: pipe.hdel(self.key, key))
 
 
+# A request as a worker takes it: who asked, for which instance, the body, the idempotency key.
+Job = tuple[bytes, "_Slot", bytes, "bytes | None"]
+
+
 class _Slot:
-    """One hosted instance: the agent object and its lifecycle facts."""
+    """One hosted instance: the agent object, its lifecycle facts, and the requests it runs
+    or that wait for a place (its bulkhead)."""
 
     def __init__(self, spec: InstanceSpec, agent: BaseAgent, record: InstanceRecord) -> None:
         self.spec = spec
@@ -157,19 +172,43 @@ class _Slot:
         self.started = False  # agent.start() called
         self.waiting_for: list[str] = list(spec.depends_on)
         self.running = 0  # requests in its handler now, on the host's workers
+        self.parked: deque[tuple[float, Job]] = deque()  # (since, job), oldest first
         self._running_lock = threading.Lock()
 
-    def enter(self) -> bool:
-        """Take a place among the instance's `concurrency`; False when all are taken."""
+    def enter(self, job: Job) -> bool | None:
+        """Take a place among the instance's `concurrency` (True: run the job now); when all
+        are taken, park the job for the next free place (False), unless too many wait
+        already (None: refuse it)."""
         with self._running_lock:
-            if self.running >= self.spec.concurrency:
-                return False
-            self.running += 1
-            return True
+            if self.running < self.spec.concurrency:
+                self.running += 1
+                return True
+            if len(self.parked) >= PARKED_PER_PLACE * self.spec.concurrency:
+                return None
+            self.parked.append((time.monotonic(), job))
+            return False
 
-    def leave(self) -> None:
+    def leave(self) -> Job | None:
+        """Give the place up, or hand it to the oldest parked job (returned: run it next)."""
         with self._running_lock:
+            if self.parked:
+                return self.parked.popleft()[1]
             self.running -= 1
+            return None
+
+    def busy(self) -> str:
+        return f"{self.spec.instance} is running {self.spec.concurrency} requests already"
+
+    def expired(self, waited: float) -> list[Job]:
+        """Take out the parked jobs that waited `waited` seconds or more."""
+        if not self.parked:  # read without the lock: the common case costs nothing
+            return []
+        since = time.monotonic() - waited
+        jobs = []
+        with self._running_lock:
+            while self.parked and self.parked[0][0] <= since:
+                jobs.append(self.parked.popleft()[1])
+        return jobs
 
 
 class AgentHost:
@@ -200,8 +239,7 @@ class AgentHost:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         # A plain queue and threads: the handoff is a C-level lock, the cheapest there is.
-        self._work_queue: queue.SimpleQueue[
-            tuple[bytes, _Slot, bytes, bytes | None] | None] = queue.SimpleQueue()
+        self._work_queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._reply_addr = f"inproc://replies-{id(self)}"
         self._local = threading.local()
         self._pushers: list[zmq.Socket[bytes]] = []
@@ -391,6 +429,7 @@ class AgentHost:
                     except Exception:  # one bad message must never end the serving thread
                         log.exception("group %s: a message was not handled", self.config.group)
                         self.metrics.rejected("?", protocol.INTERNAL)
+                self._refuse_expired()
                 if drained_at is None and self.stopping.is_set() and self._inflight == 0:
                     drained_at = time.monotonic()
         finally:
@@ -450,23 +489,39 @@ class AgentHost:
 
     def _worker(self) -> None:
         while (job := self._work_queue.get()) is not None:
-            self._work(*job)
+            self._work(job)
 
-    def _work(self, ident: bytes, slot: _Slot, body: bytes, key: bytes | None) -> None:
-        if not slot.enter():
+    def _work(self, job: Job) -> None:
+        """Run the job, then on this worker each parked job its instance hands the place to.
+        A job parked here is run by the worker that frees a place, or refused by the IO
+        thread once it waited `slot_wait` (_refuse_expired)."""
+        slot = job[1]
+        entered = slot.enter(job)
+        if entered is None:
             self.metrics.rejected(slot.spec.agent, protocol.OVERLOADED)
-            reply = protocol.error(protocol.OVERLOADED, f"{slot.spec.instance} is running "
-                                   f"{slot.spec.concurrency} requests already")
-        else:
+            self._pusher().send_multipart([job[0], b"", protocol.error(
+                protocol.OVERLOADED, f"{slot.busy()} and {len(slot.parked)} waiting")])
+        next_job: Job | None = job if entered else None
+        while next_job is not None:
+            ident, _, body, key = next_job
             try:
                 reply = self._answer(slot, body, key)
             except Exception:  # a reply must go back: it ends the request's in-flight count
                 log.exception("%s: request not answered", slot.spec.instance)
                 self.metrics.rejected(slot.spec.agent, protocol.INTERNAL)
                 reply = protocol.error(protocol.INTERNAL, "the host failed to answer")
-            finally:
-                slot.leave()
-        self._pusher().send_multipart([ident, b"", reply])
+            self._pusher().send_multipart([ident, b"", reply])
+            next_job = slot.leave()
+
+    def _refuse_expired(self) -> None:
+        """Answer `overloaded` the requests that waited `slot_wait` for a place: their callers
+        try another replica. Here, as only this thread sends on the ROUTER."""
+        for slot in self.slots.values():
+            for ident, *_ in slot.expired(self.config.slot_wait):
+                self._refuse(ident, slot.spec.agent, protocol.OVERLOADED,
+                             f"{slot.busy()} (waited {self.config.slot_wait:g}s for a place)")
+                with self._inflight_lock:
+                    self._inflight -= 1
 
     def local_reply(self, frames: list[bytes]) -> list[bytes]:
         """Answer a request to an agent of this process in the caller's thread.

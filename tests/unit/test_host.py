@@ -13,7 +13,7 @@ import zmq
 
 from agentlink import protocol
 from agentlink.agent import Degraded, MemoryState
-from agentlink.host import AgentHost
+from agentlink.host import PARKED_PER_PLACE, AgentHost
 from agentlink.pool import get_pool
 from agentlink.reference.core import MemoryOrchestratorService, RequestCoordinator
 from agentlink.reference.workers import Worker
@@ -119,7 +119,8 @@ def test_a_handler_error_is_answered_and_counted(redis_url: str) -> None:
 def test_an_agent_runs_at_most_its_concurrency_and_leaves_the_workers_to_the_others(
         redis_url: str) -> None:
     """Gate holds every request (as writes waiting out a partition would): two run, the
-    rest are answered `overloaded` at once, and Echo in the same host is still served."""
+    rest wait a moment for a place and are answered `overloaded`, and Echo in the same host
+    is still served."""
     held = AgentSpec("G", "tests.unit.agents:Gate", concurrency=2)
     with run_group([held, AgentSpec("Echo", ECHO)], redis_url) as host:
         gate = host.slots["G"].agent
@@ -140,6 +141,35 @@ def test_an_agent_runs_at_most_its_concurrency_and_leaves_the_workers_to_the_oth
             gate.open()  # type: ignore[attr-defined]
             sock.close(linger=0)
 
+
+
+def test_requests_over_the_concurrency_wait_for_a_place_off_the_workers(
+        redis_url: str) -> None:
+    """One place: the second and third requests wait, off the workers (Echo is served
+    meanwhile), and run once the first leaves; past PARKED_PER_PLACE waiting,
+    a request is refused at once, saying how many wait."""
+    held = AgentSpec("G", "tests.unit.agents:Gate", concurrency=1)
+    with run_group([held, AgentSpec("Echo", ECHO)], redis_url) as host:
+        host.config.slot_wait = 60.0  # nothing here may expire while the test runs
+        gate = host.slots["G"].agent
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(f"tcp://127.0.0.1:{host.config.port}")
+        try:
+            for n in range(2 + PARKED_PER_PLACE):
+                sock.send_multipart([b"", *protocol.encode_request("G", n)])
+            refused = json.loads(sock.recv_multipart()[-1])
+            assert refused["code"] == protocol.OVERLOADED
+            assert refused["error"] == \
+                f"G-1 is running 1 requests already and {PARKED_PER_PLACE} waiting"
+            assert len(host.slots["G"].parked) == PARKED_PER_PLACE
+            assert send(host, protocol.encode_request("Echo", "still"))["echo"] == "still"
+            gate.open()  # type: ignore[attr-defined]
+            answers = [json.loads(sock.recv_multipart()[-1]) for _ in range(1 + PARKED_PER_PLACE)]
+            assert all(a["ok"] for a in answers), answers
+            assert host.slots["G"].running == 0
+        finally:
+            gate.open()  # type: ignore[attr-defined]
+            sock.close(linger=0)
 
 def test_health_and_metrics_over_http(redis_url: str) -> None:
     with run_group([AgentSpec("A", ECHO), AgentSpec("B", ECHO)], redis_url) as host:
