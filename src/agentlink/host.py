@@ -448,8 +448,12 @@ class AgentHost:
             self.metrics.peer_event(_PEER_EVENTS.get(event, "other"))
         else:
             self._router.send_multipart(self._replies.recv_multipart())
-            with self._inflight_lock:
-                self._inflight -= 1
+            self._answered()
+
+    def _answered(self) -> None:
+        """One admitted request's reply is sent: it is in flight no more."""
+        with self._inflight_lock:
+            self._inflight -= 1
 
     def _dispatch(self, frames: list[bytes]) -> None:
         """Queue a request for a worker, or answer at once why not (and count it)."""
@@ -520,8 +524,7 @@ class AgentHost:
             for ident, *_ in slot.expired(self.config.slot_wait):
                 self._refuse(ident, slot.spec.agent, protocol.OVERLOADED,
                              f"{slot.busy()} (waited {self.config.slot_wait:g}s for a place)")
-                with self._inflight_lock:
-                    self._inflight -= 1
+                self._answered()
 
     def local_reply(self, frames: list[bytes]) -> list[bytes]:
         """Answer a request to an agent of this process in the caller's thread.

@@ -142,7 +142,6 @@ def test_an_agent_runs_at_most_its_concurrency_and_leaves_the_workers_to_the_oth
             sock.close(linger=0)
 
 
-
 def test_requests_over_the_concurrency_wait_for_a_place_off_the_workers(
         redis_url: str) -> None:
     """One place: the second and third requests wait, off the workers (Echo is served
@@ -170,6 +169,7 @@ def test_requests_over_the_concurrency_wait_for_a_place_off_the_workers(
         finally:
             gate.open()  # type: ignore[attr-defined]
             sock.close(linger=0)
+
 
 def test_health_and_metrics_over_http(redis_url: str) -> None:
     with run_group([AgentSpec("A", ECHO), AgentSpec("B", ECHO)], redis_url) as host:
