@@ -3,8 +3,9 @@
 One ZeroMQ context (the pool's), one ROUTER port shared by the group's agents with messages
 routed by agent name, and one HTTP port for /health and /metrics. Requests run on a bounded
 worker pool; replies go back to the ROUTER thread over an inproc socket, because a ZeroMQ
-socket belongs to one thread. One supervisor thread waits for every agent's dependencies,
-evaluates health and heartbeats the registry for the whole group.
+socket belongs to one thread; an instance whose handler has proven quick and self-contained
+is answered on the ROUTER's thread itself (_InlineProof). One supervisor thread waits for
+every agent's dependencies, evaluates health and heartbeats the registry for the whole group.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from agentlink import protocol
 from agentlink.agent import (
     AgentContext,
     BaseAgent,
+    Caller,
     Check,
     Health,
     WebReply,
@@ -71,6 +73,16 @@ MAX_HTTP_PATH = 1024
 # whichever caller's retry happens to arrive first, until its deadline.
 SLOT_WAIT_S = 0.8
 PARKED_PER_PLACE = 8
+# A request for an instance whose handler has proven quick and self-contained runs on the
+# ROUTER's thread, with no worker: the two thread handoffs (the work queue in, the reply
+# socket out) were half of an idle round trip (bench/runtime.py). The proof: INLINE_TRIAL_RUNS
+# runs in a row, each under INLINE_MAX_S, none calling another agent or the state store. A
+# call out sends the instance to the workers for good; a run over the bound sends it back to
+# its trial, for good after INLINE_MAX_SLOW such runs. Stateful agents and requests with an
+# idempotency key (its claim is a Redis round trip) always go to a worker.
+INLINE_TRIAL_RUNS = 16
+INLINE_MAX_S = 0.002
+INLINE_MAX_SLOW = 3
 # Messages one peer may have waiting at the ROUTER; then libzmq stops reading its connection
 # and TCP pushes back on the sender. Clients keep one request in flight per socket.
 ROUTER_RCVHWM = 256
@@ -132,8 +144,9 @@ class RedisState:
     acknowledged only once it would survive a failover (see agentlink.durable)."""
 
     def __init__(self, client: redis.Redis, agent: str, replica_wait_ms: int = REPLICA_WAIT_MS,
-                 outage_s: float = OUTAGE_S) -> None:
+                 outage_s: float = OUTAGE_S, on_use: Callable[[], None] = lambda: None) -> None:
         self.client = client
+        self.on_use = on_use  # told of every read and write: the host's _InlineProof
         self.durable = Durable(client, replica_wait_ms, outage_s)
         self.key = f"agentlink:state:{agent}"
 
@@ -146,13 +159,16 @@ class RedisState:
         return True
 
     def get(self, key: str) -> Any:
+        self.on_use()
         value = self.durable.read(lambda pipe: pipe.hget(self.key, key))
         return None if value is None else json.loads(value)
 
     def put(self, key: str, value: Any) -> None:
+        self.on_use()
         self.durable.write(lambda pipe: pipe.hset(self.key, key, json.dumps(value)))
 
     def delete(self, key: str) -> None:
+        self.on_use()
         self.durable.write(lambda pipe: pipe.hdel(self.key, key))
 
 
@@ -160,14 +176,40 @@ class RedisState:
 Job = tuple[bytes, "_Slot", bytes, "bytes | None"]
 
 
+class _InlineProof:
+    """Whether an instance's requests may run on the ROUTER's thread (see INLINE_TRIAL_RUNS).
+    Workers update it without a lock: a count lost in a race only delays the decision."""
+
+    def __init__(self, allowed: bool) -> None:
+        self.fast_runs = 0
+        self.slow_runs = 0
+        self.never = not allowed
+
+    @property
+    def proven(self) -> bool:
+        return not self.never and self.fast_runs >= INLINE_TRIAL_RUNS
+
+    def observe(self, seconds: float, went_out: bool) -> None:
+        if went_out:
+            self.never = True
+        elif seconds > INLINE_MAX_S:
+            self.fast_runs = 0
+            self.slow_runs += 1
+            self.never = self.slow_runs >= INLINE_MAX_SLOW
+        else:
+            self.fast_runs += 1
+
+
 class _Slot:
     """One hosted instance: the agent object, its lifecycle facts, and the requests it runs
     or that wait for a place (its bulkhead)."""
 
-    def __init__(self, spec: InstanceSpec, agent: BaseAgent, record: InstanceRecord) -> None:
+    def __init__(self, spec: InstanceSpec, agent: BaseAgent, record: InstanceRecord,
+                 inline: _InlineProof) -> None:
         self.spec = spec
         self.agent = agent
         self.record = record
+        self.inline = inline
         self.ready = not spec.depends_on
         self.started = False  # agent.start() called
         self.waiting_for: list[str] = list(spec.depends_on)
@@ -228,6 +270,7 @@ class AgentHost:
         self.endpoint = f"tcp://{config.advertise_host}:{config.port}"
         self.client.local = (self.endpoint, self.local_reply)
         self.idempotency = Idempotency(self.redis)
+        self._local = threading.local()  # per thread: its reply socket, went_out of a run
         self.slots = {spec.agent: self._make_slot(spec) for spec in config.instances}
         self.metrics.declare(list(self.slots))
         self.started_at = 0.0
@@ -239,9 +282,9 @@ class AgentHost:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         # A plain queue and threads: the handoff is a C-level lock, the cheapest there is.
-        self._work_queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # Each job with whether it holds its instance's place already (handed over by leave).
+        self._work_queue: queue.SimpleQueue[tuple[Job, bool] | None] = queue.SimpleQueue()
         self._reply_addr = f"inproc://replies-{id(self)}"
-        self._local = threading.local()
         self._pushers: list[zmq.Socket[bytes]] = []
         self._threads: list[threading.Thread] = []
         self._router: zmq.Socket[bytes] | None = None
@@ -256,13 +299,29 @@ class AgentHost:
         cfg = self.config
         context = AgentContext(
             name=spec.agent, instance=spec.instance, machine=cfg.machine, options=spec.options,
-            call=self.client.call, state=RedisState(self.redis, spec.agent),
+            call=self._calling_out(self.client.call),
+            state=RedisState(self.redis, spec.agent, on_use=self._went_out),
             stats=self.metrics.snapshot, system=cfg.system, registry=self.registry)
         record = InstanceRecord(
             agent=spec.agent, instance=spec.instance, machine=cfg.machine, group=cfg.group,
             endpoint=self.endpoint,
             http=f"http://{cfg.advertise_host}:{cfg.http_port}")
-        return _Slot(spec, load_class(spec.cls)(context), record)
+        return _Slot(spec, load_class(spec.cls)(context), record,
+                     _InlineProof(allowed=spec.agent not in cfg.stateful_agents))
+
+    def _went_out(self) -> None:
+        """The running handler called another agent or the state store (_InlineProof)."""
+        self._local.went_out = True
+
+    def _calling_out(self, call: Caller) -> Caller:
+        def marked(agent: str, payload: Any, key: str | None = None,
+                   timeout: float | None = None, idempotency_key: str | None = None) -> Any:
+            try:
+                return call(agent, payload, key=key, timeout=timeout,
+                            idempotency_key=idempotency_key)
+            finally:  # after the call: an agent of this process it reached ran on this thread
+                self._went_out()
+        return marked
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -475,8 +534,20 @@ class AgentHost:
         elif not self._admit():
             self._refuse(ident, name, protocol.OVERLOADED,
                          f"group {self.config.group} has {self._inflight} requests in flight")
+        elif not key and slot.inline.proven and slot.enter((ident, slot, body, None)):
+            self._answer_inline(ident, slot, body)
         else:
-            self._work_queue.put((ident, slot, body, key[0] if key else None))
+            self._work_queue.put(((ident, slot, body, key[0] if key else None), False))
+
+    def _answer_inline(self, ident: bytes, slot: _Slot, body: bytes) -> None:
+        """Run a request of a proven instance here, on the ROUTER's thread (_InlineProof)."""
+        assert self._router is not None
+        reply = self._reply_or_internal_error(slot, body, None)
+        parked = slot.leave()
+        if parked is not None:  # a worker parked it meanwhile: it has the place now
+            self._work_queue.put((parked, True))
+        self._router.send_multipart([ident, b"", reply])
+        self._answered()
 
     def _admit(self) -> bool:
         """Count one more request in flight, unless the bound is reached (a flood)."""
@@ -492,15 +563,15 @@ class AgentHost:
         self._router.send_multipart([ident, b"", protocol.error(code, message)])
 
     def _worker(self) -> None:
-        while (job := self._work_queue.get()) is not None:
-            self._work(job)
+        while (item := self._work_queue.get()) is not None:
+            self._work(*item)
 
-    def _work(self, job: Job) -> None:
+    def _work(self, job: Job, holds_place: bool = False) -> None:
         """Run the job, then on this worker each parked job its instance hands the place to.
         A job parked here is run by the worker that frees a place, or refused by the IO
         thread once it waited `slot_wait` (_refuse_expired)."""
         slot = job[1]
-        entered = slot.enter(job)
+        entered = True if holds_place else slot.enter(job)
         if entered is None:
             self.metrics.rejected(slot.spec.agent, protocol.OVERLOADED)
             self._pusher().send_multipart([job[0], b"", protocol.error(
@@ -508,14 +579,17 @@ class AgentHost:
         next_job: Job | None = job if entered else None
         while next_job is not None:
             ident, _, body, key = next_job
-            try:
-                reply = self._answer(slot, body, key)
-            except Exception:  # a reply must go back: it ends the request's in-flight count
-                log.exception("%s: request not answered", slot.spec.instance)
-                self.metrics.rejected(slot.spec.agent, protocol.INTERNAL)
-                reply = protocol.error(protocol.INTERNAL, "the host failed to answer")
+            reply = self._reply_or_internal_error(slot, body, key)
             self._pusher().send_multipart([ident, b"", reply])
             next_job = slot.leave()
+
+    def _reply_or_internal_error(self, slot: _Slot, body: bytes, key: bytes | None) -> bytes:
+        try:
+            return self._answer(slot, body, key)
+        except Exception:  # a reply must go back: it ends the request's in-flight count
+            log.exception("%s: request not answered", slot.spec.instance)
+            self.metrics.rejected(slot.spec.agent, protocol.INTERNAL)
+            return protocol.error(protocol.INTERNAL, "the host failed to answer")
 
     def _refuse_expired(self) -> None:
         """Answer `overloaded` the requests that waited `slot_wait` for a place: their callers
@@ -566,6 +640,7 @@ class AgentHost:
             self.metrics.observe(slot.spec.agent, time.perf_counter() - started,
                                  protocol.BAD_REQUEST)
             return protocol.error(protocol.BAD_REQUEST, f"body is not JSON: {err}"[:200]), False
+        self._local.went_out = False
         try:
             reply = protocol.ok(slot.agent.handle(request))
             code = ""
@@ -576,7 +651,9 @@ class AgentHost:
                         exc_info=True)
             code = protocol.HANDLER_ERROR
             reply = protocol.error(code, f"{type(err).__name__}: {err}")
-        self.metrics.observe(slot.spec.agent, time.perf_counter() - started, code)
+        seconds = time.perf_counter() - started
+        slot.inline.observe(seconds, self._local.went_out)
+        self.metrics.observe(slot.spec.agent, seconds, code)
         return reply, not code
 
     def _pusher(self) -> zmq.Socket[bytes]:

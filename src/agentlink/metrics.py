@@ -97,16 +97,18 @@ class HostMetrics:
         self.process = psutil.Process()
         self.registry.register(_LiveCollector(host, self.process))
         self._host = host
+        self._series: dict[str, tuple[Counter, Histogram]] = {}
 
     def declare(self, agents: list[str]) -> None:
-        """Start each agent's request series at 0, so a quiet agent still has a rate."""
-        for agent in agents:
-            self.requests.labels(agent)
-            self.duration.labels(agent)
+        """Start each agent's request series at 0, so a quiet agent still has a rate; keep
+        them at hand: `labels()` per request was a tenth of the host's time on a request."""
+        self._series = {agent: (self.requests.labels(agent), self.duration.labels(agent))
+                        for agent in agents}
 
     def observe(self, agent: str, seconds: float, error_code: str) -> None:
-        self.requests.labels(agent).inc()
-        self.duration.labels(agent).observe(seconds)
+        requests, duration = self._series[agent]
+        requests.inc()
+        duration.observe(seconds)
         if error_code:
             self.errors.labels(agent, error_code).inc()
 

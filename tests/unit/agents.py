@@ -134,3 +134,16 @@ class Flaky(BaseAgent):
         if Flaky.calls[key] <= int(request["fail"]):
             raise RuntimeError(f"call {Flaky.calls[key]} of {key} fails")
         return {"key": key, "calls": Flaky.calls[key]}
+
+
+class WhereRun(BaseAgent):
+    """Says which thread ran it; on request, sleeps, calls another agent or uses its state
+    first (what takes an instance off its host's ROUTER thread)."""
+
+    def handle(self, request: Any) -> Any:
+        time.sleep(float(request.get("sleep", 0)))
+        if "call" in request:
+            self.call(request["call"], "hello")
+        if request.get("state"):
+            self.state.put("seen", True)
+        return {"thread": threading.current_thread().name}

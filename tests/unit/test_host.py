@@ -13,7 +13,7 @@ import zmq
 
 from agentlink import protocol
 from agentlink.agent import Degraded, MemoryState
-from agentlink.host import PARKED_PER_PLACE, AgentHost
+from agentlink.host import INLINE_MAX_SLOW, INLINE_TRIAL_RUNS, PARKED_PER_PLACE, AgentHost
 from agentlink.pool import get_pool
 from agentlink.reference.core import MemoryOrchestratorService, RequestCoordinator
 from agentlink.reference.workers import Worker
@@ -169,6 +169,58 @@ def test_requests_over_the_concurrency_wait_for_a_place_off_the_workers(
         finally:
             gate.open()  # type: ignore[attr-defined]
             sock.close(linger=0)
+
+
+WHERE_RUN = "tests.unit.agents:WhereRun"
+
+
+def thread_of(host: AgentHost, request: dict[str, Any], *, key: str | None = None) -> str:
+    reply = send(host, protocol.encode_request("W", request, idempotency_key=key))
+    return str(reply["thread"]).removeprefix(f"{host.config.group}-")
+
+
+def prove(host: AgentHost) -> None:
+    """Run W its trial: every run on a worker, as long as it is not proven."""
+    threads = {thread_of(host, {}) for _ in range(INLINE_TRIAL_RUNS)}
+    assert all(name.startswith("worker-") for name in threads), threads
+
+
+def test_a_quick_self_contained_agent_is_answered_on_the_router_thread(redis_url: str) -> None:
+    with run_group([AgentSpec("W", WHERE_RUN)], redis_url) as host:
+        prove(host)
+        assert [thread_of(host, {}) for _ in range(3)] == ["zmq"] * 3
+        # A request with an idempotency key goes to a worker: its claim is a Redis call.
+        assert thread_of(host, {}, key="k1").startswith("worker-")
+        metrics = get(f"http://127.0.0.1:{host.config.http_port}/metrics")[1]
+        assert f'agentlink_requests_total{{agent="W"}} {INLINE_TRIAL_RUNS + 4}.0' in metrics
+
+
+@pytest.mark.parametrize("way_out", [{"call": "Echo"}, {"state": True}])
+def test_an_agent_that_calls_out_goes_to_the_workers_for_good(
+        redis_url: str, way_out: dict[str, Any]) -> None:
+    with run_group([AgentSpec("W", WHERE_RUN), AgentSpec("Echo", ECHO)], redis_url) as host:
+        prove(host)
+        assert thread_of(host, way_out) == "zmq"  # not known before it goes out
+        assert all(thread_of(host, {}).startswith("worker-")
+                   for _ in range(2 * INLINE_TRIAL_RUNS))
+
+
+def test_a_slow_run_sends_an_agent_back_to_its_trial_and_too_many_for_good(
+        redis_url: str) -> None:
+    with run_group([AgentSpec("W", WHERE_RUN)], redis_url) as host:
+        for _ in range(INLINE_MAX_SLOW - 1):
+            prove(host)
+            assert thread_of(host, {"sleep": 0.01}) == "zmq"
+        prove(host)
+        assert thread_of(host, {"sleep": 0.01}) == "zmq"
+        assert all(thread_of(host, {}).startswith("worker-")
+                   for _ in range(2 * INLINE_TRIAL_RUNS))
+
+
+def test_a_stateful_agent_never_runs_on_the_router_thread(redis_url: str) -> None:
+    with run_group([AgentSpec("W", WHERE_RUN)], redis_url, stateful=["W"]) as host:
+        assert all(thread_of(host, {}).startswith("worker-")
+                   for _ in range(2 * INLINE_TRIAL_RUNS))
 
 
 def test_health_and_metrics_over_http(redis_url: str) -> None:
