@@ -77,12 +77,14 @@ PARKED_PER_PLACE = 8
 # ROUTER's thread, with no worker: the two thread handoffs (the work queue in, the reply
 # socket out) were half of an idle round trip (bench/runtime.py). The proof: INLINE_TRIAL_RUNS
 # runs in a row, each under INLINE_MAX_S, none calling another agent or the state store. A
-# call out sends the instance to the workers for good; a run over the bound sends it back to
-# its trial, for good after INLINE_MAX_SLOW such runs. Stateful agents and requests with an
-# idempotency key (its claim is a Redis round trip) always go to a worker.
+# call out sends the instance to the workers for good. A run over the bound sends it back to
+# a trial twice as long as its last (up to 2**INLINE_MAX_DOUBLINGS times): a handler slow
+# now and then runs mostly on workers, while a run slowed by a busy machine (wall time) costs
+# only a while on the workers. Stateful agents and requests with an idempotency key (its
+# claim is a Redis round trip) always go to a worker.
 INLINE_TRIAL_RUNS = 16
 INLINE_MAX_S = 0.002
-INLINE_MAX_SLOW = 3
+INLINE_MAX_DOUBLINGS = 10
 # Messages one peer may have waiting at the ROUTER; then libzmq stops reading its connection
 # and TCP pushes back on the sender. Clients keep one request in flight per socket.
 ROUTER_RCVHWM = 256
@@ -186,8 +188,13 @@ class _InlineProof:
         self.never = not allowed
 
     @property
+    def trial(self) -> int:
+        """Fast runs in a row it takes now."""
+        return INLINE_TRIAL_RUNS << min(self.slow_runs, INLINE_MAX_DOUBLINGS)
+
+    @property
     def proven(self) -> bool:
-        return not self.never and self.fast_runs >= INLINE_TRIAL_RUNS
+        return not self.never and self.fast_runs >= self.trial
 
     def observe(self, seconds: float, went_out: bool) -> None:
         if went_out:
@@ -195,7 +202,6 @@ class _InlineProof:
         elif seconds > INLINE_MAX_S:
             self.fast_runs = 0
             self.slow_runs += 1
-            self.never = self.slow_runs >= INLINE_MAX_SLOW
         else:
             self.fast_runs += 1
 
@@ -228,6 +234,14 @@ class _Slot:
             if len(self.parked) >= PARKED_PER_PLACE * self.spec.concurrency:
                 return None
             self.parked.append((time.monotonic(), job))
+            return False
+
+    def take_free_place(self) -> bool:
+        """Take a place if one is free and no job waits for one; never park."""
+        with self._running_lock:
+            if self.running < self.spec.concurrency and not self.parked:
+                self.running += 1
+                return True
             return False
 
     def leave(self) -> Job | None:
@@ -515,7 +529,8 @@ class AgentHost:
             self._inflight -= 1
 
     def _dispatch(self, frames: list[bytes]) -> None:
-        """Queue a request for a worker, or answer at once why not (and count it)."""
+        """Queue a request for a worker, answer it here (a proven instance's, _InlineProof),
+        or answer at once why not (and count it)."""
         if len(frames) not in (4, 5) or frames[1] != b"":
             self._refuse(frames[0], "?", protocol.BAD_REQUEST,
                          "expected frames: agent name, JSON body[, key]")
@@ -531,23 +546,23 @@ class AgentHost:
             self._refuse(ident, name, protocol.UNAVAILABLE, f"{name} is not accepting requests")
         elif key and not _is_utf8(key[0]):  # decoded loosely, two keys could share a run
             self._refuse(ident, name, protocol.BAD_REQUEST, "idempotency key is not UTF-8")
+        elif not key and slot.inline.proven and slot.take_free_place():
+            self._answer_inline(ident, slot, body)
         elif not self._admit():
             self._refuse(ident, name, protocol.OVERLOADED,
                          f"group {self.config.group} has {self._inflight} requests in flight")
-        elif not key and slot.inline.proven and slot.enter((ident, slot, body, None)):
-            self._answer_inline(ident, slot, body)
         else:
             self._work_queue.put(((ident, slot, body, key[0] if key else None), False))
 
     def _answer_inline(self, ident: bytes, slot: _Slot, body: bytes) -> None:
-        """Run a request of a proven instance here, on the ROUTER's thread (_InlineProof)."""
+        """Run a request of a proven instance here, on the ROUTER's thread (_InlineProof).
+        Not counted in flight: it is answered before this thread reads another message."""
         assert self._router is not None
         reply = self._reply_or_internal_error(slot, body, None)
         parked = slot.leave()
         if parked is not None:  # a worker parked it meanwhile: it has the place now
             self._work_queue.put((parked, True))
         self._router.send_multipart([ident, b"", reply])
-        self._answered()
 
     def _admit(self) -> bool:
         """Count one more request in flight, unless the bound is reached (a flood)."""

@@ -13,7 +13,7 @@ import zmq
 
 from agentlink import protocol
 from agentlink.agent import Degraded, MemoryState
-from agentlink.host import INLINE_MAX_SLOW, INLINE_TRIAL_RUNS, PARKED_PER_PLACE, AgentHost
+from agentlink.host import INLINE_TRIAL_RUNS, PARKED_PER_PLACE, AgentHost
 from agentlink.pool import get_pool
 from agentlink.reference.core import MemoryOrchestratorService, RequestCoordinator
 from agentlink.reference.workers import Worker
@@ -179,9 +179,9 @@ def thread_of(host: AgentHost, request: dict[str, Any], *, key: str | None = Non
     return str(reply["thread"]).removeprefix(f"{host.config.group}-")
 
 
-def prove(host: AgentHost) -> None:
+def prove(host: AgentHost, runs: int = INLINE_TRIAL_RUNS) -> None:
     """Run W its trial: every run on a worker, as long as it is not proven."""
-    threads = {thread_of(host, {}) for _ in range(INLINE_TRIAL_RUNS)}
+    threads = {thread_of(host, {}) for _ in range(runs)}
     assert all(name.startswith("worker-") for name in threads), threads
 
 
@@ -205,16 +205,31 @@ def test_an_agent_that_calls_out_goes_to_the_workers_for_good(
                    for _ in range(2 * INLINE_TRIAL_RUNS))
 
 
-def test_a_slow_run_sends_an_agent_back_to_its_trial_and_too_many_for_good(
-        redis_url: str) -> None:
+def test_each_slow_run_sends_an_agent_back_to_a_trial_twice_as_long(redis_url: str) -> None:
     with run_group([AgentSpec("W", WHERE_RUN)], redis_url) as host:
-        for _ in range(INLINE_MAX_SLOW - 1):
-            prove(host)
-            assert thread_of(host, {"sleep": 0.01}) == "zmq"
+        for trial in (INLINE_TRIAL_RUNS, 2 * INLINE_TRIAL_RUNS, 4 * INLINE_TRIAL_RUNS):
+            prove(host, trial)
+            assert thread_of(host, {"sleep": 0.01}) == "zmq"  # slow: back to the workers
+        prove(host, 8 * INLINE_TRIAL_RUNS)
+        assert thread_of(host, {}) == "zmq"
+
+
+def test_a_proven_agent_whose_place_is_taken_waits_for_it_on_a_worker(redis_url: str) -> None:
+    """Concurrency 1, the place held by a keyed request on a worker: the next request waits
+    for the place instead of running beside it, and each is answered once."""
+    with run_group([AgentSpec("W", WHERE_RUN, concurrency=1)], redis_url) as host:
         prove(host)
-        assert thread_of(host, {"sleep": 0.01}) == "zmq"
-        assert all(thread_of(host, {}).startswith("worker-")
-                   for _ in range(2 * INLINE_TRIAL_RUNS))
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(f"tcp://127.0.0.1:{host.config.port}")
+        try:
+            sock.send_multipart([b"", *protocol.encode_request("W", {"sleep": 0.3}, "k")])
+            eventually(lambda: host.slots["W"].running == 1)
+            sock.send_multipart([b"", *protocol.encode_request("W", {})])
+            answers = [json.loads(sock.recv_multipart()[-1]) for _ in range(2)]
+            assert all(a["ok"] and "worker-" in a["result"]["thread"] for a in answers), answers
+            assert not sock.poll(500), "a request was answered twice"
+        finally:
+            sock.close(linger=0)
 
 
 def test_a_stateful_agent_never_runs_on_the_router_thread(redis_url: str) -> None:
