@@ -19,6 +19,7 @@ a failover or a restart (seconds) instead of failing.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -61,11 +62,86 @@ OUTAGE_S = 15.0
 NO_QUORUM_S = 3.0
 
 
+class _Pending:
+    """One caller's writes in a group commit, and what became of them."""
+
+    def __init__(self, writes: Writes) -> None:
+        self.writes = writes
+        self.commands = 0
+        self.results: list[Any] = []
+        self.error: Exception | None = None
+        self.leads = False  # promoted: it sends the next batch itself
+        self.done = threading.Event()
+
+    def queue(self, pipe: Any) -> None:
+        before = len(pipe)
+        self.writes(pipe)
+        self.commands = len(pipe) - before
+
+    def outcome(self) -> list[Any]:
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+
+class _GroupCommit:
+    """Writes of concurrent callers on one pipeline, acknowledged together: one WAIT and one
+    INFO for the batch instead of for each write, and what is acknowledged is the same (WAIT
+    counts every write of its connection before it). The first caller to find no batch in
+    flight sends one; whoever queues meanwhile waits, and the first of them sends the next
+    batch, theirs, as soon as this one is answered: nobody sends for others for long."""
+
+    def __init__(self, send: Callable[[Writes], list[Any]]) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._sending = False
+
+    def write(self, writes: Writes) -> list[Any]:
+        mine = _Pending(writes)
+        with self._lock:
+            self._queue.append(mine)
+            mine.leads = not self._sending
+            self._sending = True
+        if not mine.leads:
+            mine.done.wait()
+        if mine.leads:
+            self._send_batch()
+        return mine.outcome()
+
+    def _send_batch(self) -> None:
+        with self._lock:
+            batch, self._queue = self._queue, []
+        def queue_all(pipe: Any) -> None:
+            for pending in batch:
+                pending.queue(pipe)
+
+        try:  # a batch is answered, or fails, as one: then each caller retries its own
+            results = self._send(queue_all)
+            for pending in batch:
+                pending.results, results = results[:pending.commands], results[pending.commands:]
+        except Exception as err:  # the batch is not acknowledged: each caller hears why
+            for pending in batch:
+                pending.error = err
+        with self._lock:
+            if self._queue:
+                self._queue[0].leads = True
+                self._queue[0].done.set()
+            else:
+                self._sending = False
+        for pending in batch:
+            pending.leads = False
+            pending.done.set()
+
+
 class Durable:
     def __init__(self, client: redis.Redis, replica_wait_ms: int = REPLICA_WAIT_MS,
-                 outage_s: float = OUTAGE_S) -> None:
+                 outage_s: float = OUTAGE_S, group_commit: bool = False) -> None:
+        """`group_commit`: concurrent writes share one pipeline and one acknowledgement
+        (_GroupCommit), for a writer with many threads such as the workflow engine."""
         self.client = client
         self.outage_s = outage_s
+        self._commit = _GroupCommit(self._replicated) if group_commit else None
         # Below the client's socket timeout (0.5 s), so a slow replica is an answer, not a
         # broken connection.
         self.replica_wait_ms = replica_wait_ms
@@ -96,7 +172,8 @@ class Durable:
 
     def write(self, writes: Writes) -> list[Any]:
         """Queue `writes` on a pipeline and return their results once acknowledged."""
-        return list(self.retrying(lambda: self._replicated(writes)))
+        commit = self._replicated if self._commit is None else self._commit.write
+        return list(self.retrying(lambda: commit(writes)))
 
     def read(self, reads: Reads) -> Any:
         """The result of the one read `reads` queues, from a primary that would acknowledge

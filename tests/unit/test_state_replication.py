@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from agentlink.durable import NoQuorum, PrimaryMoved, StateNotReplicated
+from agentlink.durable import (
+    Durable,
+    NoQuorum,
+    PrimaryMoved,
+    StateNotReplicated,
+    _GroupCommit,
+)
 from agentlink.host import RedisState
 from agentlink.redis_server import RedisServer
 from agentlink.registry import redis_client
@@ -184,3 +190,58 @@ def test_a_primary_only_its_own_sentinel_names_is_left_for_the_majority_s(
     finally:
         for server in (old, new):
             server.stop()
+
+
+def test_a_group_commit_answers_each_caller_its_own_results_with_one_wait_per_batch(
+        primary_and_replica: tuple[redis.Redis, redis.Redis, int]) -> None:
+    """Sixteen threads writing at once through one group-commit Durable: each gets its own
+    results, every write is on the replica when acknowledged, in fewer WAITs than writes."""
+    primary, replica, _ = primary_and_replica
+    durable = Durable(primary, group_commit=True)
+    results: dict[int, list[list[object]]] = {}
+    not_replicated: list[str] = []
+    start = threading.Barrier(16)
+
+    def writer(n: int) -> None:
+        start.wait()
+        for i in range(20):
+            key = f"k{n}-{i}"
+            answer = durable.write(lambda pipe, key=key, i=i: (pipe.set(key, i), pipe.get(key)))
+            if replica.get(key) != str(i).encode():
+                not_replicated.append(key)
+            results.setdefault(n, []).append(answer)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not not_replicated, "acknowledged before the replica had it"
+    expected = [[True, str(i).encode()] for i in range(20)]
+    assert all(answers == expected for answers in results.values()), \
+        "a caller got another's results"
+    assert len(results) == 16
+    waits = primary.info("commandstats")["cmdstat_wait"]["calls"]
+    assert waits < 320, f"{waits} WAITs for 320 writes: nothing was batched"
+
+
+def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_is_sent() -> None:
+    sent: list[int] = []
+
+    class Pipe(list[str]):
+        def set(self, key: str) -> None:
+            self.append(key)
+
+    def send(writes: Callable[[Pipe], None]) -> list[str]:
+        pipe = Pipe()
+        writes(pipe)
+        sent.append(len(pipe))
+        if len(sent) == 1:
+            raise redis.ConnectionError("the primary went away")
+        return [f"ok {key}" for key in pipe]
+
+    commit = _GroupCommit(send)  # type: ignore[arg-type]
+    with pytest.raises(redis.ConnectionError):
+        commit.write(lambda pipe: pipe.set("a"))
+    assert commit.write(lambda pipe: pipe.set("b")) == ["ok b"]
+    assert sent == [1, 1]

@@ -134,7 +134,7 @@ class WorkflowEngine:
                  pressure: Callable[[], Collection[str]] | None = None,
                  lease_s: float = 3.0, retention_s: float = 24 * 3600) -> None:
         self.client = client
-        self.durable = Durable(client)
+        self.durable = Durable(client, group_commit=True)
         self.call = call
         self.owner = owner
         self.agents = agents
