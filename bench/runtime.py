@@ -205,6 +205,9 @@ def report(trips: dict[str, dict[str, float]], memory: dict[int, float],
     print(f"\npooled socket vs the old pattern, against the agent host: "
           f"{trips[NEW][host] / trips[POOLED][host]:.1f}x faster; failover client: "
           f"{trips[NEW][host] / trips[CLIENT][host]:.1f}x")
+    print("the agent host's own cost: a pooled round trip to it is "
+          f"{trips[POOLED][host] / trips[POOLED]['bare echo server']:.2f}x the bare echo "
+          f"server's, a raw socket's {trips[RAW][host] / trips[RAW]['bare echo server']:.2f}x")
     per_agent = (memory[max(memory)] - memory[min(memory)]) / (max(memory) - min(memory))
     print("\n| agents in one host process | resident MB |\n|---:|---:|")
     for size, mb in memory.items():
