@@ -28,9 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentlink import protocol
-from agentlink.pool import PeerGone, Pool, RequestTimeout, get_pool
+from agentlink.pool import PeerGone, Pool, RequestTimeout, SocketsBusy, get_pool
 from agentlink.registry import InstanceRecord, Registry, redis_client
 from agentlink.security import operator_keys, operator_settings
+
+# How an attempt failed, in a NoInstance message: what to look at differs for each.
+_HOW_IT_FAILED: dict[type[RequestTimeout], str] = {
+    PeerGone: "disconnected", SocketsBusy: "had every socket of this caller busy"}
 
 
 def operator_registry(settings: dict[str, Any]) -> Registry:
@@ -186,10 +190,10 @@ class FailoverClient:
                         reply = self.local[1](frames)
                     else:
                         reply = self.pool.request(rec.endpoint, frames, timeout=attempt,
-                                                  server=rec.group)
+                                                  server=rec.group, lane=agent)
                     return protocol.decode_reply(reply)
                 except RequestTimeout as err:
-                    how = "disconnected" if isinstance(err, PeerGone) else "timed out"
+                    how = _HOW_IT_FAILED.get(type(err), "timed out")
                     last_error = f"{rec.instance} at {rec.endpoint} {how}"
                 except protocol.RemoteError as err:
                     if err.code not in protocol.RETRYABLE:

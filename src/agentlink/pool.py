@@ -1,11 +1,14 @@
 """The process's one ZeroMQ context and its pooled client sockets.
 
-DEALER sockets are kept per remote endpoint and reused: a caller checks one out, uses it for
-one request and returns it. Sequential callers share one socket per endpoint; concurrent
+DEALER sockets are kept per remote endpoint and lane and reused: a caller checks one out,
+uses it for one request and returns it. Sequential callers share one socket; concurrent
 callers (a handler calling an agent of its own host, say) get another, up to a bound, so
-nested calls never wait on each other. A request that times out closes its socket with
-LINGER 0 and retries on a fresh one (the Lazy Pirate pattern), so a stale reply can never be
-read as the answer to a later request.
+nested calls never wait on each other. The failover client gives each agent its own lane:
+one host serves several agents on one endpoint, and requests of one stuck agent (writes
+waiting out a partition) must not take every socket from the requests of the others.
+
+A request that times out closes its socket with LINGER 0 and retries on a fresh one (the
+Lazy Pirate pattern), so a stale reply can never be read as the answer to a later request.
 
 Each socket is monitored for disconnects. When the connection drops while a request is out
 (the peer crashed, or ZeroMQ's heartbeat found it gone), the reply can never come, so the
@@ -38,6 +41,10 @@ HEARTBEAT_TIMEOUT_MS = 2000
 
 class RequestTimeout(Exception):
     """No reply from the endpoint within the request's time."""
+
+
+class SocketsBusy(RequestTimeout):
+    """Every socket of the lane stayed in use for the request's time: it was never sent."""
 
 
 class PeerGone(RequestTimeout):
@@ -88,12 +95,12 @@ class Pool:
         self.max_per_endpoint = max_per_endpoint
         self.stats = PoolStats()
         self.keys: CurveKeys | None = None  # None: plain TCP (tests, a local run)
-        self._endpoints: dict[str, _Endpoint] = {}
+        self._endpoints: dict[tuple[str, str], _Endpoint] = {}
         self._lock = threading.Lock()
 
-    def _endpoint(self, endpoint: str) -> _Endpoint:
+    def _endpoint(self, endpoint: str, lane: str) -> _Endpoint:
         with self._lock:
-            return self._endpoints.setdefault(endpoint, _Endpoint())
+            return self._endpoints.setdefault((endpoint, lane), _Endpoint())
 
     def _open(self, endpoint: str, server: str | None) -> _Conn:
         sock = self.context.socket(zmq.DEALER)
@@ -114,7 +121,7 @@ class Pool:
         with slot.ready:
             while not slot.free and slot.open >= self.max_per_endpoint:
                 if not slot.ready.wait(max(deadline - time.monotonic(), 0)):
-                    raise RequestTimeout(f"all {slot.open} sockets to {endpoint} are busy")
+                    raise SocketsBusy(f"all {slot.open} sockets to {endpoint} are busy")
             if slot.free:
                 return slot.free.pop()
             slot.open += 1
@@ -132,11 +139,12 @@ class Pool:
             slot.ready.notify()
 
     def request(self, endpoint: str, frames: list[bytes], timeout: float = 2.0,
-                retries: int = 0, server: str | None = None) -> list[bytes]:
+                retries: int = 0, server: str | None = None, lane: str = "") -> list[bytes]:
         """Send frames to endpoint and return the reply frames (the empty delimiter removed).
 
-        `server` names the host behind the endpoint (its group), whose CURVE key to expect."""
-        slot = self._endpoint(endpoint)
+        `server` names the host behind the endpoint (its group), whose CURVE key to expect;
+        `lane` names whose sockets to use (at most max_per_endpoint of them)."""
+        slot = self._endpoint(endpoint, lane)
         deadline = time.monotonic() + timeout * (retries + 1)
         gone = False
         for _ in range(retries + 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -147,6 +148,53 @@ def test_concurrent_threads_each_get_their_own_reply(pool: Pool, peer: EchoRoute
     assert errors == []
     assert sum(len(v) for v in results.values()) == 8 * 25
     assert 1 <= pool.stats.sockets <= 8  # reused, at most one per concurrent caller
+
+
+def test_an_agent_whose_requests_hang_leaves_sockets_for_the_others(pool: Pool) -> None:
+    """One host serves several agents on one endpoint: requests of one agent that hang
+    (writes waiting out a partition) take that agent's lane, never a quick agent's."""
+    port = free_ports(1)[0]
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)  # answers "quick" at once, holds "stuck" unanswered
+    router.bind(f"tcp://127.0.0.1:{port}")
+    held: list[bytes] = []
+    stopping = threading.Event()
+
+    def serve() -> None:
+        while not stopping.is_set():
+            if router.poll(20):
+                ident, empty, agent, body = router.recv_multipart()
+                if agent == b"stuck":
+                    held.append(body)
+                else:
+                    router.send_multipart([ident, empty, b"re:" + body])
+        router.close(linger=0)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    lanes = Pool(pool.context, max_per_endpoint=2)
+    address = f"tcp://127.0.0.1:{port}"
+
+    def hang() -> None:
+        with pytest.raises(RequestTimeout):
+            lanes.request(address, [b"stuck", b"w"], timeout=4.0, lane="stuck")
+
+    hanging = [threading.Thread(target=hang) for _ in range(2)]
+    try:
+        for t in hanging:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(held) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(held) == 2  # every socket of the stuck lane is out
+        assert lanes.request(address, [b"quick", b"q"], timeout=1.0, lane="quick") == [b"re:q"]
+    finally:
+        for t in hanging:
+            t.join(10)
+        stopping.set()
+        server.join(5)
+        lanes.close()
+        context.term()
 
 
 def test_the_process_has_one_context() -> None:
