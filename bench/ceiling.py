@@ -1,8 +1,8 @@
 """The sustained load ceiling of the deployed lab: the highest rate it holds.
 
-`agentlink.load` runs the default mix (the coordinator routing to the digital twin, the twin,
-acknowledged writes to the memory service) at rising rates, each for `--seconds`; a rate is
-held when every request succeeded, no acknowledged write was lost, and p99 latency stayed
+`agentlink.devtools.load` runs the default mix (the coordinator routing to the digital twin,
+the twin, acknowledged writes to the memory service) at rising rates, each for `--seconds`;
+a rate is held when every request succeeded, no acknowledged write was lost, and p99 latency stayed
 within the bar (20 ms). The ramp stops at the first rate not held. The load generator runs
 on this machine beside the lab, as a user's client would.
 
@@ -20,8 +20,8 @@ from typing import Any
 from docs_section import write_section
 from ha import lab_sentinels
 
-from agentlink.client import FailoverClient, operator_registry
-from agentlink.load import MEMORY, LoadReport, LoadSpec, run_load
+from agentlink.devtools.load import MEMORY, LoadReport, LoadSpec, run_load
+from agentlink.runtime.client import FailoverClient, operator_registry
 
 RATES = (250, 500, 1000, 1500, 2000, 2500, 3000, 4000)
 P99_BAR_MS = 20.0

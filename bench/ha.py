@@ -38,12 +38,19 @@ import docker
 import redis
 import yaml
 
-from agentlink.client import FailoverClient, operator_registry
-from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE
-from agentlink.load import MEMORY, BackgroundLoad, LoadSpec, Slot, build_request, percentile
-from agentlink.registry import SERVING, Registry
+from agentlink.deploy.docker_backend import LABEL_GROUP, LABEL_MACHINE
+from agentlink.devtools.load import (
+    MEMORY,
+    BackgroundLoad,
+    LoadSpec,
+    Slot,
+    build_request,
+    percentile,
+)
+from agentlink.runtime.client import FailoverClient, operator_registry
+from agentlink.runtime.registry import SERVING, Registry
+from agentlink.runtime.status import fetch_health
 from agentlink.security import operator_redis_auth
-from agentlink.status import fetch_health
 
 ROOT = Path(__file__).resolve().parent.parent
 NEXT_RELEASE = ROOT / "tests" / "upgrade" / "releases" / "v2"  # the running image + a label

@@ -5,7 +5,7 @@
    all instances healthy, and each layer.
 3. Under load over every agent (each worker also calls its dependencies): resident memory,
    ZeroMQ contexts, established TCP connections and listening ports, read from /proc in
-   each container's own namespace (agentlink.footprint).
+   each container's own namespace (agentlink.devtools.footprint).
 4. The old way, the same 85 agents as one process (container) each, each with its own
    health port, started one by one: the same figures, measured the same way.
 5. Health loops and health-check code in the source an agent host imports; image sizes.
@@ -35,9 +35,8 @@ from deploy import image_sizes, playbook
 from docs_section import write_section
 from ha import lab_sentinels
 
-from agentlink.client import FailoverClient, operator_registry
-from agentlink.docker_backend import LABEL_GROUP
-from agentlink.footprint import (
+from agentlink.deploy.docker_backend import LABEL_GROUP
+from agentlink.devtools.footprint import (
     ProcessFootprint,
     connections,
     health_code,
@@ -45,7 +44,8 @@ from agentlink.footprint import (
     runtime_modules,
     tree_footprint,
 )
-from agentlink.load import DEFAULT_TARGETS, BackgroundLoad, LoadSpec
+from agentlink.devtools.load import DEFAULT_TARGETS, BackgroundLoad, LoadSpec
+from agentlink.runtime.client import FailoverClient, operator_registry
 from agentlink.topology import Topology, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,7 +189,7 @@ def machine() -> dict[str, Any]:
 
 
 def health_figures(reference: Topology) -> dict[str, Any]:
-    roots = ["agentlink.__main__", "agentlink.config", "agentlink.host",
+    roots = ["agentlink.__main__", "agentlink.runtime.startup_config", "agentlink.runtime.host",
              *{agent.cls.split(":")[0] for agent in reference.agents.values()}]
     found = health_code(runtime_modules(ROOT / "src", roots))
     return {"loops": [s.where for s in found.loops], "lines": found.lines,

@@ -28,21 +28,21 @@ import psutil
 import yaml
 import zmq
 
-from agentlink import protocol
-from agentlink.client import FailoverClient
-from agentlink.config import render_startup_config, write_startup_config
-from agentlink.local import LocalLab
-from agentlink.redis_server import RedisServer
-from agentlink.registry import Registry, redis_client
-from agentlink.status import fetch_health
-from agentlink.testing import free_ports
+from agentlink.deploy.render import render_startup_config, write_startup_config
+from agentlink.devtools.local import LocalLab
+from agentlink.devtools.redis_server import RedisServer
+from agentlink.devtools.testing import free_ports
+from agentlink.runtime import protocol
+from agentlink.runtime.client import FailoverClient
+from agentlink.runtime.registry import Registry, redis_client
+from agentlink.runtime.status import fetch_health
 from agentlink.topology import load
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = "agentlink.reference.workers:Worker"
+WORKER = "agentlink.runtime.reference.workers:Worker"
 REQUEST = {"text": "the quick brown fox jumps over the lazy dog", "hops": 0}
 RAW = "raw pyzmq REQ socket, kept open"
-POOLED = "pooled socket (agentlink.pool)"
+POOLED = "pooled socket (agentlink.runtime.pool)"
 CLIENT = "pooled failover client, by agent name"
 NEW = "new context and socket per request (old)"
 

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import write_section
 from runtime import REQUEST, agent_host, per_call_us
 
-from agentlink import protocol
-from agentlink.host import MAX_MESSAGE_BYTES
-from agentlink.pool import Pool, RequestTimeout
-from agentlink.redis_server import RedisServer
+from agentlink.devtools.redis_server import RedisServer
+from agentlink.runtime import protocol
+from agentlink.runtime.host.server import MAX_MESSAGE_BYTES
+from agentlink.runtime.pool import Pool, RequestTimeout
 from agentlink.security import OPERATOR, CurveKeys, create_secrets, operator_keys
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

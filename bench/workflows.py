@@ -34,10 +34,10 @@ from docs_section import write_section
 from ha import lab_sentinels
 from keymetrics import machine
 
-from agentlink.client import FailoverClient, operator_registry
-from agentlink.registry import REDIS_ERRORS, redis_client
+from agentlink.runtime.client import FailoverClient, operator_registry
+from agentlink.runtime.registry import REDIS_ERRORS, redis_client
+from agentlink.runtime.workflow.engine import record_key
 from agentlink.security import operator_settings
-from agentlink.workflow.engine import record_key
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "workflows" / "transcript.yml"

@@ -1,8 +1,8 @@
 """Jinja2 filters for the toolkit: shims into agentlink, no logic here."""
 
-from agentlink.config import address_env, startup_config_for
-from agentlink.dashboards import dashboards, grafana_provisioning, validate_dashboard
-from agentlink.monitoring import scrape_targets
+from agentlink.deploy.dashboards import dashboards, grafana_provisioning, validate_dashboard
+from agentlink.deploy.monitoring import scrape_targets
+from agentlink.deploy.render import address_env, startup_config_for
 from agentlink.security import secret_mount
 from agentlink.topology import load_once
 

@@ -78,26 +78,26 @@ def main() -> None:
         supports_check_mode=True,
     )
     try:
-        from agentlink import deploy
-        from agentlink.launch import LaunchError
+        from agentlink.deploy import rollout
+        from agentlink.deploy.launch import LaunchError
     except ImportError as err:
         module.fail_json(msg=f"the agentlink package is not importable by {err.name!r}: run "
                          "modules with the controller's venv (ansible_python_interpreter)")
     p = module.params
     try:
-        topology, backend = deploy.open_deployment(p["topology"], p["machines"], p["prefix"])
+        topology, backend = rollout.open_deployment(p["topology"], p["machines"], p["prefix"])
         if p["state"] == "absent":
-            result = ({"changed": bool(deploy.plan(topology, backend)["would_start"])}
-                      if module.check_mode else deploy.remove(topology, backend))
+            result = ({"changed": bool(rollout.plan(topology, backend)["would_start"])}
+                      if module.check_mode else rollout.remove(topology, backend))
         elif module.check_mode:
-            result = deploy.plan(topology, backend)
+            result = rollout.plan(topology, backend)
         else:
-            result = deploy.launch(topology, backend, one_by_one=p["one_by_one"])
+            result = rollout.launch(topology, backend, one_by_one=p["one_by_one"])
     except LaunchError as err:
         module.fail_json(msg=str(err), agent=err.instance, last_health=err.last_health,
                          log_lines=err.log_lines, stopped=err.stopped)
     except Exception as err:
-        if (failure := deploy.module_failure(err)) is None:
+        if (failure := rollout.module_failure(err)) is None:
             raise
         module.fail_json(**failure)
     module.exit_json(**result)

@@ -9,7 +9,7 @@ short_description: Replace one agent host container with drain, health gate and 
 description:
   - Without C(group), lists the agent hosts that do not run as specified (a new image, a
     changed config or environment), in start order; nothing is touched.
-  - With C(group), replaces that host; see agentlink.upgrade. Its replicated instances are
+  - With C(group), replaces that host; see agentlink.deploy.upgrade. Its replicated instances are
     drained in the registry, the host is stopped (in-flight requests finish), the old
     container is kept aside, the new one is started and gated on health, then the drain is
     lifted and the old container removed. When the new host does not get healthy, the old
@@ -70,15 +70,15 @@ def main() -> None:
         supports_check_mode=True,
     )
     try:
-        from agentlink import deploy
-        from agentlink.registry import REDIS_ERRORS, Registry, redis_client
-        from agentlink.upgrade import UpgradeFailed, Upgrader, pending, pending_host
+        from agentlink.deploy import rollout
+        from agentlink.deploy.upgrade import UpgradeFailed, Upgrader, pending, pending_host
+        from agentlink.runtime.registry import REDIS_ERRORS, Registry, redis_client
     except ImportError as err:
         module.fail_json(msg=f"the agentlink package is not importable by {err.name!r}: run "
                          "modules with the controller's venv (ansible_python_interpreter)")
     p = module.params
     try:
-        topology, backend = deploy.open_deployment(p["topology"], p["machines"], p["prefix"])
+        topology, backend = rollout.open_deployment(p["topology"], p["machines"], p["prefix"])
         if p["group"] is None:
             module.exit_json(changed=False,
                              hosts=[h.to_dict() for h in pending(topology, backend)])
@@ -98,7 +98,7 @@ def main() -> None:
                          f"{p['registry'].get('sentinels')}. A drain left behind lifts itself "
                          "within 10 minutes")
     except Exception as err:
-        if (failure := deploy.module_failure(err)) is None:
+        if (failure := rollout.module_failure(err)) is None:
             raise
         module.fail_json(**failure)
     module.exit_json(changed=done is not None, upgraded=done.to_dict() if done else None)

@@ -1,5 +1,5 @@
 #!/usr/bin/python
-"""Ansible module: plan the images (logic in agentlink.images)."""
+"""Ansible module: plan the images (logic in agentlink.deploy.images)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ from typing import Any  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from agentlink.images import (  # noqa: E402
+from agentlink.deploy.images import (  # noqa: E402
     DEFAULT_EXCLUDE,
     PlanError,
     plan_images,

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from agentlink import topology as topo
 
 if TYPE_CHECKING:
-    from agentlink.client import FailoverClient
-    from agentlink.load import LoadSpec
-    from agentlink.workflow.definition import Workflow
+    from agentlink.devtools.load import LoadSpec
+    from agentlink.runtime.client import FailoverClient
+    from agentlink.runtime.workflow.definition import Workflow
 
 DEFAULT_TOPOLOGY = os.environ.get("AGENTLINK_TOPOLOGY", "topology/agents.yml")
 EXIT_INVALID = 2
@@ -66,8 +66,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agentlink.config import ConfigError, load_host_config
-    from agentlink.host import run
+    from agentlink.runtime.host import run
+    from agentlink.runtime.startup_config import ConfigError, load_host_config
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -80,8 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from agentlink.launch import LaunchError
-    from agentlink.local import LocalLab, check_ports_free
+    from agentlink.deploy.launch import LaunchError
+    from agentlink.devtools.local import LocalLab, check_ports_free
 
     topology = _load(args.file, classes=True)
     if topology is None:
@@ -102,7 +102,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from agentlink.local import LocalLab
+    from agentlink.devtools.local import LocalLab
 
     stopped = LocalLab(_home(args)).down(_say)
     _say(f"stopped {stopped} agent host(s)")
@@ -123,7 +123,7 @@ def _redis_settings(args: argparse.Namespace, state: dict[str, Any],
 
 
 def _load_spec(args: argparse.Namespace) -> LoadSpec:
-    from agentlink.load import DEFAULT_TARGETS, LoadSpec
+    from agentlink.devtools.load import DEFAULT_TARGETS, LoadSpec
 
     return LoadSpec(rate=args.rate, duration=args.duration, workers=args.workers,
                     timeout=args.timeout, targets=tuple(args.target or DEFAULT_TARGETS))
@@ -145,9 +145,9 @@ def _say_load(report: dict[str, Any]) -> None:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from agentlink.client import FailoverClient, operator_registry
-    from agentlink.load import MEMORY, LoadReport, run_load
-    from agentlink.local import LocalLab
+    from agentlink.devtools.load import MEMORY, LoadReport, run_load
+    from agentlink.devtools.local import LocalLab
+    from agentlink.runtime.client import FailoverClient, operator_registry
 
     settings = _redis_settings(args, LocalLab(_home(args)).state(), "load")
     if settings is None:
@@ -172,11 +172,11 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agentlink import status
-    from agentlink.client import operator_registry
-    from agentlink.local import LocalLab
-    from agentlink.registry import REDIS_ERRORS
-    from agentlink.status import fetch_health
+    from agentlink.devtools.local import LocalLab
+    from agentlink.runtime import status
+    from agentlink.runtime.client import operator_registry
+    from agentlink.runtime.registry import REDIS_ERRORS
+    from agentlink.runtime.status import fetch_health
 
     state = LocalLab(_home(args)).state()
     file = args.file or state.get("topology") or DEFAULT_TOPOLOGY
@@ -197,9 +197,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_call(args: argparse.Namespace) -> int:
     """One request to an agent, by name, through the failover client; its reply as JSON."""
-    from agentlink.client import FailoverClient, NoInstance, operator_registry
-    from agentlink.local import LocalLab
-    from agentlink.protocol import BAD_REQUEST, RemoteError
+    from agentlink.devtools.local import LocalLab
+    from agentlink.runtime.client import FailoverClient, NoInstance, operator_registry
+    from agentlink.runtime.protocol import BAD_REQUEST, RemoteError
 
     try:
         payload = json.loads(args.payload)
@@ -242,8 +242,8 @@ def cmd_secrets(args: argparse.Namespace) -> int:
 
 def _coordinator(args: argparse.Namespace, command: str) -> FailoverClient | None:
     """A failover client to the RequestCoordinator replicas, or None (said why)."""
-    from agentlink.client import FailoverClient, operator_registry
-    from agentlink.local import LocalLab
+    from agentlink.devtools.local import LocalLab
+    from agentlink.runtime.client import FailoverClient, operator_registry
 
     settings = _redis_settings(args, LocalLab(_home(args)).state(), command)
     return None if settings is None else FailoverClient(operator_registry(settings))
@@ -251,8 +251,8 @@ def _coordinator(args: argparse.Namespace, command: str) -> FailoverClient | Non
 
 def _workflow_errors(call: Callable[[], int], command: str) -> int:
     """The coordinator's refusal or absence as one line on stderr and an exit code."""
-    from agentlink.client import NoInstance
-    from agentlink.protocol import BAD_REQUEST, RemoteError
+    from agentlink.runtime.client import NoInstance
+    from agentlink.runtime.protocol import BAD_REQUEST, RemoteError
 
     try:
         return call()
@@ -278,7 +278,7 @@ def _say_workflow(record: dict[str, Any]) -> None:
 
 def _checked_workflow(args: argparse.Namespace) -> Workflow | None:
     """The workflow file checked against the topology, or None with every problem said."""
-    from agentlink.workflow.definition import WorkflowError, load
+    from agentlink.runtime.workflow.definition import WorkflowError, load
 
     topology = _load(args.topology)
     if topology is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from agentlink.agent import load_class
+from agentlink.runtime.agent import load_class
 
 AGENT_KEYS = {
     "name", "class", "machine", "group", "port", "placement", "depends_on", "replicas",
@@ -26,6 +26,7 @@ TOP_KEYS = {"version", "machines", "defaults", "agents"}
 DEFAULT_KEYS = {"resources", "health_timeout", "concurrency"}
 # Requests one instance takes at once from the workflow scheduler, unless the topology says.
 DEFAULT_CONCURRENCY = 8
+DEFAULT_HEALTH_TIMEOUT_S = 15.0  # how long an agent may take to get healthy, by default
 MACHINE_KEYS = {"address_env"}
 RESOURCE_KEYS = {"memory", "cpus"}
 CLASS_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -72,7 +73,7 @@ class Agent:
     stateful: bool = False
     memory_mb: float = 32.0
     cpus: float = 0.1
-    health_timeout: float = 15.0
+    health_timeout: float = DEFAULT_HEALTH_TIMEOUT_S
     concurrency: int = DEFAULT_CONCURRENCY
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -335,10 +336,11 @@ class _Checker:
         if not isinstance(cpus, int | float) or cpus <= 0:
             self.add(f"agent '{name}': cpus must be a positive number", line)
             cpus = 0.1
-        timeout = raw.get("health_timeout", defaults.get("health_timeout", 15))
+        timeout = raw.get("health_timeout",
+                          defaults.get("health_timeout", DEFAULT_HEALTH_TIMEOUT_S))
         if not isinstance(timeout, int | float) or timeout <= 0:
             self.add(f"agent '{name}': health_timeout must be a positive number of seconds", line)
-            timeout = 15
+            timeout = DEFAULT_HEALTH_TIMEOUT_S
         concurrency = raw.get("concurrency", defaults.get("concurrency", DEFAULT_CONCURRENCY))
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             self.add(f"agent '{name}': concurrency must be a whole number of requests, 1 or more",

@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from agentlink.docker_backend import LABEL_GROUP
+from agentlink.deploy.docker_backend import LABEL_GROUP
 from tests.failover.test_faults import serving, wait_until
 
 from .conftest import Deployment

@@ -17,8 +17,8 @@ import pytest
 import redis
 from docker.models.containers import Container
 
-from agentlink.client import FailoverClient
-from agentlink.load import MEMORY, LoadReport, LoadSpec, run_load
+from agentlink.devtools.load import MEMORY, LoadReport, LoadSpec, run_load
+from agentlink.runtime.client import FailoverClient
 
 from .conftest import Deployment
 

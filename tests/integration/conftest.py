@@ -27,9 +27,9 @@ from ansible.template import Templar
 from ansible.vars.manager import VariableManager
 from docker.models.containers import Container
 
-from agentlink.client import operator_registry
-from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE, DockerBackend, MachineSpec
-from agentlink.registry import Registry
+from agentlink.deploy.docker_backend import LABEL_GROUP, LABEL_MACHINE, DockerBackend, MachineSpec
+from agentlink.runtime.client import operator_registry
+from agentlink.runtime.registry import Registry
 from agentlink.security import operator_redis_auth
 from agentlink.topology import Topology, load
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agentlink.dashboards import dashboards
+from agentlink.deploy.dashboards import dashboards
 from agentlink.topology import load
 
 from .conftest import ROOT, Deployment

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from agentlink.client import FailoverClient
-from agentlink.docker_backend import MIN_MEMORY_MB
+from agentlink.deploy.docker_backend import MIN_MEMORY_MB
+from agentlink.runtime.client import FailoverClient
 
 from .conftest import ROOT, Deployment
 

@@ -16,16 +16,16 @@ import docker
 import pytest
 import yaml
 
-from agentlink import deploy
-from agentlink.config import render_startup_config, write_startup_config
-from agentlink.docker_backend import DockerBackend
-from agentlink.launch import LaunchError, plan
-from agentlink.redis_server import RedisServer
-from agentlink.testing import free_ports
+from agentlink.deploy import rollout
+from agentlink.deploy.docker_backend import DockerBackend
+from agentlink.deploy.launch import LaunchError, plan
+from agentlink.deploy.render import render_startup_config, write_startup_config
+from agentlink.devtools.redis_server import RedisServer
+from agentlink.devtools.testing import free_ports
 from agentlink.topology import Topology, load
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = "agentlink.reference.workers:Worker"
+WORKER = "agentlink.runtime.reference.workers:Worker"
 
 
 def _image() -> str:
@@ -66,7 +66,7 @@ def make_lab(tmp_path: Path, redis_url: str, second_class: str,
     machines = {"solo": {"image": _image(), "config_dir": str(config_dir),
                          "address": "127.0.0.1", "network_mode": "host", "env": env or {},
                          "config_checksum": "1"}}
-    return topology, DockerBackend(deploy.machine_specs(machines, topology),
+    return topology, DockerBackend(rollout.machine_specs(machines, topology),
                                    prefix=f"agentlink-test-{tmp_path.name[-8:]}")
 
 
@@ -78,9 +78,9 @@ def names(backend: DockerBackend) -> set[str]:
 
 def test_a_crash_at_start_rolls_back_and_names_the_agent(tmp_path: Path, redis_url: str
                                                          ) -> None:
-    topology, backend = make_lab(tmp_path, redis_url, "agentlink.reference.workers:Missing")
+    topology, backend = make_lab(tmp_path, redis_url, "agentlink.runtime.reference.workers:Missing")
     with pytest.raises(LaunchError) as failure:
-        deploy.launch(topology, backend)
+        rollout.launch(topology, backend)
     err = failure.value
     assert err.instance == "Upper-1"
     assert "exited during start" in err.reason
@@ -92,19 +92,19 @@ def test_a_crash_at_start_rolls_back_and_names_the_agent(tmp_path: Path, redis_u
 def test_unchanged_is_left_alone_and_drift_recreates(tmp_path: Path, redis_url: str) -> None:
     topology, backend = make_lab(tmp_path, redis_url, WORKER)
     try:
-        first = deploy.launch(topology, backend)
+        first = rollout.launch(topology, backend)
         assert first["changed"]
-        assert deploy.plan(topology, backend) == {"changed": False, "would_start": {},
+        assert rollout.plan(topology, backend) == {"changed": False, "would_start": {},
                                                   "would_remove": []}
-        second = deploy.launch(topology, backend)
+        second = rollout.launch(topology, backend)
         assert not second["changed"]
         assert all(not layer["started"] for layer in second["layers"])
         spec = backend.machines["solo"]
         moved = DockerBackend({"solo": dataclasses.replace(spec, env={"EXTRA": "1"})},
                               prefix=backend.prefix)
-        planned = deploy.plan(topology, moved)["would_start"]
+        planned = rollout.plan(topology, moved)["would_start"]
         units = [unit for layer in plan(topology) for unit in layer]
         assert set(planned) == {backend.name(u) for u in units}
     finally:
-        deploy.remove(topology, backend)
+        rollout.remove(topology, backend)
     assert names(backend) == set()

@@ -15,8 +15,8 @@ import redis
 import zmq
 from docker.models.images import Image
 
-from agentlink import protocol
-from agentlink.pool import Pool, RequestTimeout
+from agentlink.runtime import protocol
+from agentlink.runtime.pool import Pool, RequestTimeout
 from agentlink.security import PASSWORDS, CurveKeys, operator_keys, operator_secrets_dir
 
 from .conftest import Deployment

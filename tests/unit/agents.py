@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any, ClassVar
 
-from agentlink.agent import BaseAgent, Degraded
+from agentlink.runtime.agent import BaseAgent, Degraded
 
 
 class Echo(BaseAgent):

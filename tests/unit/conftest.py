@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from agentlink.redis_server import RedisServer
-from agentlink.registry import Registry, redis_client
+from agentlink.devtools.redis_server import RedisServer
+from agentlink.runtime.registry import Registry, redis_client
 
 ROOT = Path(__file__).resolve().parents[2]
 

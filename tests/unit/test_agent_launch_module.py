@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agentlink import deploy
+from agentlink.deploy import rollout
 from agentlink.topology import load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def test_an_unreachable_docker_engine_is_a_clear_failure(tmp_path: Path) -> None
 
 def test_machine_specs_take_only_the_topology_machines() -> None:
     topology = load(TOPOLOGY)
-    specs = deploy.machine_specs({"mainpc": machine(), "pc2": machine(),
+    specs = rollout.machine_specs({"mainpc": machine(), "pc2": machine(),
                                   "witness": machine()}, topology)
     assert set(specs) == {"mainpc", "pc2"}
     assert specs["mainpc"].network_mode == "host"  # the default for a real machine
@@ -85,8 +85,8 @@ def test_machine_specs_take_only_the_topology_machines() -> None:
 
 @pytest.mark.parametrize("changed", ["image", "env", "config_checksum", "network_mode"])
 def test_any_input_of_a_container_changes_its_digest(changed: str) -> None:
-    from agentlink.docker_backend import LABEL_DIGEST, DockerBackend
-    from agentlink.launch import plan
+    from agentlink.deploy.docker_backend import LABEL_DIGEST, DockerBackend
+    from agentlink.deploy.launch import plan
 
     topology = load(TOPOLOGY)
     unit = plan(topology)[0][0]
@@ -96,7 +96,7 @@ def test_any_input_of_a_container_changes_its_digest(changed: str) -> None:
     changed_machines = {m: machine(**{changed: value}) for m in base}
 
     def digest(machines: dict[str, Any]) -> str:
-        backend = DockerBackend(deploy.machine_specs(machines, topology))
+        backend = DockerBackend(rollout.machine_specs(machines, topology))
         return str(backend.desired(unit)["labels"][LABEL_DIGEST])
 
     assert digest(base) == digest(dict(base))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agentlink.config import expand, load_host_config
+from agentlink.runtime.startup_config import expand, load_host_config
 from agentlink.topology import load
 
 ROOT = Path(__file__).resolve().parents[2]

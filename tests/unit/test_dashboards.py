@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agentlink.dashboards import (
+from agentlink.deploy.dashboards import (
     DATASOURCE_UID,
     agent,
     dashboards,

@@ -19,8 +19,8 @@ import docker
 import psutil
 import pytest
 
-from agentlink.docker_backend import DockerBackend, MachineSpec
-from agentlink.docker_ssh import SSHForward, SSHForwardError, forward_argv
+from agentlink.deploy.docker_backend import DockerBackend, MachineSpec
+from agentlink.deploy.docker_ssh import SSHForward, SSHForwardError, forward_argv
 
 from .conftest import eventually
 
@@ -140,7 +140,7 @@ def test_a_refused_key_names_the_machine_and_the_command_to_try(sshd: Sshd) -> N
 def test_the_forward_ends_when_the_process_that_opened_it_is_killed(sshd: Sshd) -> None:
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""\
         import os, sys, time
-        from agentlink.docker_ssh import SSHForward
+        from agentlink.deploy.docker_ssh import SSHForward
         SSHForward({sshd.url!r}, {sshd.ssh_args!r}).open()
         print(os.getpid(), flush=True)
         time.sleep(600)

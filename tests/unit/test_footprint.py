@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agentlink.footprint import (
+from agentlink.devtools.footprint import (
     connections,
     health_code,
     process_footprint,
     runtime_modules,
     zmq_contexts,
 )
-from agentlink.testing import free_ports
+from agentlink.devtools.testing import free_ports
 
 HOLDER = """
 import socket, sys, zmq

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from agentlink.agent import AgentContext
-from agentlink.healthboard import HealthDashboard, agent_state, fetch_alerts
-from agentlink.testing import AgentSpec, free_ports, run_group
+from agentlink.devtools.testing import AgentSpec, free_ports, run_group
+from agentlink.runtime.agent import AgentContext
+from agentlink.runtime.healthboard import HealthDashboard, agent_state, fetch_alerts
 
 from .conftest import eventually
 

@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 import zmq
 
-from agentlink import protocol
-from agentlink.agent import Degraded, MemoryState
-from agentlink.host import INLINE_TRIAL_RUNS, PARKED_PER_PLACE, AgentHost
-from agentlink.pool import get_pool
-from agentlink.reference.core import MemoryOrchestratorService, RequestCoordinator
-from agentlink.reference.workers import Worker
-from agentlink.testing import AgentSpec, call_handle, host_config, run_group, wait_healthy
+from agentlink.devtools.testing import AgentSpec, call_handle, host_config, run_group, wait_healthy
+from agentlink.runtime import protocol
+from agentlink.runtime.agent import Degraded, MemoryState
+from agentlink.runtime.host import AgentHost
+from agentlink.runtime.host.admission import INLINE_TRIAL_RUNS, PARKED_PER_PLACE
+from agentlink.runtime.pool import get_pool
+from agentlink.runtime.reference.core import MemoryOrchestratorService, RequestCoordinator
+from agentlink.runtime.reference.workers import Worker
 
 from .agents import Checked, OddAnswer
 from .conftest import eventually

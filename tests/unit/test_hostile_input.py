@@ -19,18 +19,18 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentlink import protocol
-from agentlink.host import (
-    MAX_HTTP_CONNECTIONS,
+from agentlink.devtools.redis_server import RedisServer
+from agentlink.devtools.testing import AgentSpec, host_config, run_group, wait_healthy
+from agentlink.runtime import protocol
+from agentlink.runtime.host import AgentHost
+from agentlink.runtime.host.server import (
     MAX_MESSAGE_BYTES,
     MAX_NAME_ECHO,
     MAX_QUEUED_PER_WORKER,
     ROUTER_RCVHWM,
-    AgentHost,
     harden_router,
 )
-from agentlink.redis_server import RedisServer
-from agentlink.testing import AgentSpec, host_config, run_group, wait_healthy
+from agentlink.runtime.host.web import MAX_HTTP_CONNECTIONS
 
 from .conftest import eventually
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agentlink import images as plan
+from agentlink.deploy import images as plan
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"

@@ -18,12 +18,12 @@ import pytest
 import redis
 import yaml
 
-from agentlink.client import FailoverClient
-from agentlink.config import render_startup_config, write_startup_config
-from agentlink.host import EXIT_DIED
-from agentlink.local import running
-from agentlink.registry import Registry, redis_client
-from agentlink.testing import free_ports
+from agentlink.deploy.render import render_startup_config, write_startup_config
+from agentlink.devtools.local import running
+from agentlink.devtools.testing import free_ports
+from agentlink.runtime.client import FailoverClient
+from agentlink.runtime.host import EXIT_DIED
+from agentlink.runtime.registry import Registry, redis_client
 from agentlink.topology import load
 
 from .conftest import ROOT, Traffic, eventually

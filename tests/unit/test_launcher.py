@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agentlink.launch import Launcher, LaunchError, Unit
+from agentlink.deploy.launch import Launcher, LaunchError, Unit
 from agentlink.topology import Topology, load
 
 HEALTHY_AFTER_POLLS = 2

@@ -12,12 +12,19 @@ from typing import Any
 import pytest
 
 from agentlink.cli import main
-from agentlink.client import FailoverClient
-from agentlink.load import BackgroundLoad, LoadReport, LoadSpec, parse_target, percentile, run_load
-from agentlink.registry import Registry, redis_client
-from agentlink.testing import AgentSpec, run_group
+from agentlink.devtools.load import (
+    BackgroundLoad,
+    LoadReport,
+    LoadSpec,
+    parse_target,
+    percentile,
+    run_load,
+)
+from agentlink.devtools.testing import AgentSpec, run_group
+from agentlink.runtime.client import FailoverClient
+from agentlink.runtime.registry import Registry, redis_client
 
-CORE = "agentlink.reference.core"
+CORE = "agentlink.runtime.reference.core"
 STATEFUL = ["MemoryOrchestratorService"]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from agentlink.monitoring import scrape_targets
+from agentlink.deploy.monitoring import scrape_targets
 from agentlink.topology import load
 
 from .conftest import ROOT

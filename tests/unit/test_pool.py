@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from agentlink.pool import PeerGone, Pool, RequestTimeout, get_context, get_pool
-from agentlink.testing import free_ports
+from agentlink.devtools.testing import free_ports
+from agentlink.runtime.pool import PeerGone, Pool, RequestTimeout, get_context, get_pool
 
 
 class EchoRouter:

@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import yaml
 
-from agentlink.testing import free_ports
+from agentlink.devtools.testing import free_ports
 
 from .conftest import ROOT
 

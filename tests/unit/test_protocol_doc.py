@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agentlink.host import AgentHost
+from agentlink.devtools.testing import AgentSpec, host_config, wait_healthy
+from agentlink.runtime.host import AgentHost
 from agentlink.security import OPERATOR, create_secrets
-from agentlink.testing import AgentSpec, host_config, wait_healthy
 
 from .conftest import ROOT
 

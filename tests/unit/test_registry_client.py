@@ -12,16 +12,16 @@ from contextlib import ExitStack
 import pytest
 import redis
 
-from agentlink import protocol
-from agentlink.client import FailoverClient, NoInstance
-from agentlink.redis_server import RedisServer
-from agentlink.registry import InstanceRecord, Registry, redis_client
-from agentlink.testing import AgentSpec, run_group
+from agentlink.devtools.redis_server import RedisServer
+from agentlink.devtools.testing import AgentSpec, run_group
+from agentlink.runtime import protocol
+from agentlink.runtime.client import FailoverClient, NoInstance
+from agentlink.runtime.registry import InstanceRecord, Registry, redis_client
 
 from .conftest import Traffic, eventually
 
 ECHO = "tests.unit.agents:Echo"
-MEMORY = "agentlink.reference.core:MemoryOrchestratorService"
+MEMORY = "agentlink.runtime.reference.core:MemoryOrchestratorService"
 
 
 def record(instance: str, state: str = "healthy") -> InstanceRecord:

@@ -9,14 +9,14 @@ from urllib.request import urlopen
 
 import pytest
 
-from agentlink import protocol
-from agentlink.pool import get_pool
-from agentlink.resources import cgroup_memory_limit
-from agentlink.testing import AgentSpec, run_group
+from agentlink.devtools.testing import AgentSpec, run_group
+from agentlink.runtime import protocol
+from agentlink.runtime.pool import get_pool
+from agentlink.runtime.resources import cgroup_memory_limit
 
 from .conftest import eventually
 
-RESOURCES = "agentlink.reference.monitoring:ResourceManager"
+RESOURCES = "agentlink.runtime.reference.monitoring:ResourceManager"
 ECHO = "tests.unit.agents:Echo"
 
 

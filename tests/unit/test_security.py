@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import zmq
 
-from agentlink import protocol
-from agentlink.client import FailoverClient
-from agentlink.config import load_host_config, startup_config_for, write_startup_config
-from agentlink.host import AgentHost
-from agentlink.pool import Pool, RequestTimeout, get_pool
-from agentlink.registry import redis_client
+from agentlink.deploy.render import startup_config_for, write_startup_config
+from agentlink.devtools.testing import AgentSpec, host_config, wait_healthy
+from agentlink.runtime import protocol
+from agentlink.runtime.client import FailoverClient
+from agentlink.runtime.host import AgentHost
+from agentlink.runtime.pool import Pool, RequestTimeout, get_pool
+from agentlink.runtime.registry import redis_client
+from agentlink.runtime.startup_config import load_host_config
 from agentlink.security import (
     CONTAINER_CURVE,
     OPERATOR,
@@ -29,7 +31,6 @@ from agentlink.security import (
     operator_settings,
     write_machine_bundles,
 )
-from agentlink.testing import AgentSpec, host_config, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 ECHO = "tests.unit.agents:Echo"

@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from agentlink.durable import (
+from agentlink.devtools.redis_server import RedisServer
+from agentlink.devtools.testing import free_ports
+from agentlink.runtime.durable import (
     Durable,
     NoQuorum,
     PrimaryMoved,
     StateNotReplicated,
     _GroupCommit,
 )
-from agentlink.host import RedisState
-from agentlink.redis_server import RedisServer
-from agentlink.registry import redis_client
-from agentlink.testing import free_ports
+from agentlink.runtime.host.state import RedisState
+from agentlink.runtime.registry import redis_client
 
 from .conftest import eventually
 

@@ -151,7 +151,8 @@ def test_cli_validate_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
 def test_cli_validate_names_every_agent_class_that_does_not_import(tmp_path: Path) -> None:
     path = tmp_path / "t.yml"
     path.write_text(HEAD
-                    + "  - {name: Typo, class: 'agentlink.reference.core:RequestCordinator',"
+                    + "  - {name: Typo,"
+                      " class: 'agentlink.runtime.reference.core:RequestCordinator',"
                       " machine: mainpc, group: a, port: 7000}\n"
                     + "  - {name: Gone, class: 'agentlink.refrence.core:RequestCoordinator',"
                       " machine: mainpc, group: b, port: 7010}\n"
@@ -162,9 +163,9 @@ def test_cli_validate_names_every_agent_class_that_does_not_import(tmp_path: Pat
                             capture_output=True, text=True, check=False, cwd=ROOT)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[0] == (f"{path}:5: agent 'Typo': class agentlink.reference.core:"
+    assert lines[0] == (f"{path}:5: agent 'Typo': class agentlink.runtime.reference.core:"
                         "RequestCordinator does not import: AttributeError: module "
-                        "'agentlink.reference.core' has no attribute 'RequestCordinator'")
+                        "'agentlink.runtime.reference.core' has no attribute 'RequestCordinator'")
     assert lines[1] == (f"{path}:6: agent 'Gone': class agentlink.refrence.core:"
                         "RequestCoordinator does not import: ModuleNotFoundError: No module "
                         "named 'agentlink.refrence'")

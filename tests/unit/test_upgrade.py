@@ -1,4 +1,4 @@
-"""The rolling upgrade of one host (agentlink.upgrade) against a scripted backend and the
+"""The rolling upgrade of one host (agentlink.deploy.upgrade) against a scripted backend and the
 real registry: what is drained and when, the health gate, and the rollback."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from agentlink.launch import Unit
-from agentlink.registry import InstanceRecord, Registry
+from agentlink.deploy.launch import Unit
+from agentlink.deploy.upgrade import UpgradeFailed, Upgrader, pending
+from agentlink.runtime.registry import InstanceRecord, Registry
 from agentlink.topology import Topology, load
-from agentlink.upgrade import UpgradeFailed, Upgrader, pending
 
 OLD, NEW = "agentlink/m1:v1", "agentlink/m1:v2"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agentlink.workflow.definition import WorkflowError, load, parse
+from agentlink.runtime.workflow.definition import WorkflowError, load, parse
 from tests.unit.conftest import ROOT
 
 AGENTS = {"Executor", "NLUAgent", "MemoryOrchestratorService"}

@@ -17,16 +17,16 @@ from typing import Any
 import pytest
 import redis
 
-from agentlink import protocol
-from agentlink.client import FailoverClient
-from agentlink.host import AgentHost
-from agentlink.pool import get_pool
-from agentlink.registry import Registry, redis_client
-from agentlink.testing import AgentSpec, free_ports, run_group
+from agentlink.devtools.testing import AgentSpec, free_ports, run_group
+from agentlink.runtime import protocol
+from agentlink.runtime.client import FailoverClient
+from agentlink.runtime.host import AgentHost
+from agentlink.runtime.pool import get_pool
+from agentlink.runtime.registry import Registry, redis_client
 from tests.unit.agents import Flaky, Slow
 from tests.unit.conftest import ROOT, eventually
 
-CORE = "agentlink.reference.core"
+CORE = "agentlink.runtime.reference.core"
 TEST = "tests.unit.agents"
 WORKERS = [AgentSpec("Rendezvous", f"{TEST}:Rendezvous"), AgentSpec("Flaky", f"{TEST}:Flaky"),
            AgentSpec("Failing", f"{TEST}:Failing"), AgentSpec("Slow", f"{TEST}:Slow"),
@@ -147,10 +147,10 @@ def test_a_failed_run_releases_its_idempotency_key(system: FailoverClient) -> No
 
 REPLICA = """
 import sys, time
-from agentlink.host import AgentHost
-from agentlink.testing import AgentSpec, host_config
+from agentlink.runtime.host import AgentHost
+from agentlink.devtools.testing import AgentSpec, host_config
 config = host_config("coordinator-1", [AgentSpec("RequestCoordinator",
-                     "agentlink.reference.core:RequestCoordinator")], sys.argv[1],
+                     "agentlink.runtime.reference.core:RequestCoordinator")], sys.argv[1],
                      ports=(int(sys.argv[2]), int(sys.argv[3])))
 AgentHost(config).start()
 print("serving", flush=True)

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from agentlink.agent import AgentContext
-from agentlink.reference.core import RequestCoordinator
-from agentlink.workflow.engine import WorkflowEngine
-from agentlink.workflow.scheduler import Scheduler, Task
+from agentlink.runtime.agent import AgentContext
+from agentlink.runtime.reference.core import RequestCoordinator
+from agentlink.runtime.workflow.engine import WorkflowEngine
+from agentlink.runtime.workflow.scheduler import Scheduler, Task
 from tests.unit.conftest import eventually
 
 

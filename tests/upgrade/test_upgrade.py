@@ -12,9 +12,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from agentlink.client import FailoverClient
-from agentlink.docker_backend import LABEL_GROUP, LABEL_MACHINE
-from agentlink.load import MEMORY, BackgroundLoad, LoadReport, LoadSpec
+from agentlink.deploy.docker_backend import LABEL_GROUP, LABEL_MACHINE
+from agentlink.devtools.load import MEMORY, BackgroundLoad, LoadReport, LoadSpec
+from agentlink.runtime.client import FailoverClient
 from tests.failover.test_faults import TARGETS, assert_nothing_lost, serving
 from tests.integration.conftest import agent_hosts
 

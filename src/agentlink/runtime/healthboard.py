@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
-from agentlink.agent import AgentContext, BaseAgent, Degraded, WebReply
-from agentlink.status import fetch_health
+from agentlink.runtime.agent import AgentContext, BaseAgent, Degraded, WebReply
+from agentlink.runtime.status import fetch_health
 
 SERVING = ("healthy", "degraded")
 HISTORY = 200
@@ -174,5 +174,5 @@ class HealthDashboard(BaseAgent):
         self._ensure_polling()  # also where no host checks health (a test, a script)
         if route == "/api/dashboard":
             return WebReply(200, "application/json", json.dumps(self.snapshot()).encode())
-        page = resources.files("agentlink").joinpath("healthboard.html").read_bytes()
+        page = resources.files("agentlink.runtime").joinpath("healthboard.html").read_bytes()
         return WebReply(200, "text/html; charset=utf-8", page)

@@ -14,9 +14,9 @@ from typing import Any
 
 from docker.errors import DockerException
 
-from agentlink.docker_backend import LABEL_GROUP, DockerBackend, MachineSpec
-from agentlink.launch import Launcher, Unit
-from agentlink.launch import plan as plan_units
+from agentlink.deploy.docker_backend import LABEL_GROUP, DockerBackend, MachineSpec
+from agentlink.deploy.launch import Launcher, Unit
+from agentlink.deploy.launch import plan as plan_units
 from agentlink.topology import Topology, TopologyError, load
 
 

@@ -1,14 +1,14 @@
 """The Docker backend of the launcher: one container per agent host, on each machine's engine.
 
 A machine is a Docker engine (local socket, or ssh:// to a real host, reached through
-agentlink.docker_ssh with the machine's SSH options) plus how its containers reach the
+agentlink.deploy.docker_ssh with the machine's SSH options) plus how its containers reach the
 network: `host` on a real machine, or `container:<anchor>` in the lab,
 where one small anchor container per machine owns the machine's address and port space.
 Either way every container of a machine shares one address, so configs are the same.
 
 A container carries a digest of everything that defines it (image, command, environment,
 config checksum, limits, network); an unchanged running container is left alone, any drift
-recreates it. The launcher algorithm itself lives in agentlink.launch.
+recreates it. The launcher algorithm itself lives in agentlink.deploy.launch.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import docker
 from docker.errors import DockerException, NotFound
 from docker.models.containers import Container
 
-from agentlink.docker_ssh import SSHForward
-from agentlink.launch import Unit
+from agentlink.deploy.docker_ssh import SSHForward
+from agentlink.deploy.launch import Unit
+from agentlink.runtime.status import fetch_health
 from agentlink.security import container_mounts
-from agentlink.status import fetch_health
 
 LABEL_DIGEST = "io.agentlink.digest"
 LABEL_GROUP = "io.agentlink.group"

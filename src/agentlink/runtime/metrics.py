@@ -11,10 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agentlink.resources import cgroup_memory_limit
+from agentlink.runtime.resources import cgroup_memory_limit
 
 if TYPE_CHECKING:
-    from agentlink.host import AgentHost
+    from agentlink.runtime.host import AgentHost
 
 STATES = ("starting", "healthy", "degraded", "unhealthy")
 

@@ -11,7 +11,7 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 
-from agentlink.workflow.engine import FAILED, SUCCEEDED, WorkflowEngine
+from agentlink.runtime.workflow.engine import FAILED, SUCCEEDED, WorkflowEngine
 
 
 def engine_metrics(engine: WorkflowEngine) -> Iterator[Metric]:

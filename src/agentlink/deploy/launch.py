@@ -6,7 +6,7 @@ that layer's agents, so grouping can never deadlock a start. Health is polled fa
 deadline. On failure everything this run started is stopped, in reverse, and the error names
 the agent, its last health answer and its last log lines.
 
-Backends (local processes here, Docker containers in agentlink.docker_backend) only know how
+Backends (local processes here, Docker containers in agentlink.deploy.docker_backend) only know how
 to start, stop, probe and read logs of one unit: the algorithm lives here, once.
 """
 

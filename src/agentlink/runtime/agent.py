@@ -3,7 +3,7 @@
 A subclass writes `handle(request)` and, if it has something of its own to check,
 `check_health()`. Sockets, the registry, dependency waits, heartbeats and metrics belong to
 the agent host; an agent reaches other agents with `self.call()` and shared state with
-`self.state`, so it can be tested with no ZeroMQ or Redis at all (see agentlink.testing).
+`self.state`, so it can be tested with no ZeroMQ or Redis at all (see agentlink.devtools.testing).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from agentlink.registry import Registry
+    from agentlink.runtime.registry import Registry
 
 State = Literal["starting", "healthy", "degraded", "unhealthy"]
 CheckStatus = Literal["ok", "degraded", "failed"]
@@ -145,7 +145,7 @@ class BaseAgent:
         self.instance = context.instance
         self.options = context.options
         self.state = context.state
-        self.log = logging.getLogger(f"agentlink.agent.{context.instance}")
+        self.log = logging.getLogger(f"agentlink.runtime.agent.{context.instance}")
 
     def handle(self, request: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement handle()")

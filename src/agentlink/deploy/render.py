@@ -1,4 +1,5 @@
-"""Startup configs: rendered per machine from the topology, read by each agent host.
+"""Startup configs: rendered per machine from the topology, read by each agent host
+(the schema, and its loader, are agentlink.runtime.startup_config).
 
 Addresses never live in the topology. A rendered config names them as `${VAR:-default}`
 and the host expands them from its environment at start, so the same file serves the lab and
@@ -7,38 +8,15 @@ two real machines; the defaults are whatever the inventory put there.
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from agentlink.host import HostConfig, InstanceSpec
+from agentlink.runtime.startup_config import InstanceSpec, registry_doc
 from agentlink.security import CONTAINER_CURVE, CONTAINER_REDIS_AUTH
-from agentlink.topology import DEFAULT_CONCURRENCY, Topology, load_once
-
-_VAR = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
-
-
-class ConfigError(Exception):
-    pass
-
-
-def expand(text: str, env: Mapping[str, str] | None = None) -> str:
-    """Expand ${VAR} and ${VAR:-default}; an unset VAR without a default is an error."""
-    env = os.environ if env is None else env
-
-    def value(match: re.Match[str]) -> str:
-        name, default = match.group("name"), match.group("default")
-        if env.get(name):
-            return env[name]
-        if default is None:
-            raise ConfigError(f"environment variable {name} is not set and has no default")
-        return default
-
-    return _VAR.sub(value, text)
+from agentlink.topology import Instance, Topology, load_once
 
 
 def system_layout(topology: Topology, addresses: Mapping[str, str],
@@ -89,13 +67,7 @@ def render_startup_config(topology: Topology, machine: str,
             "http_port": group.http_port,
             "memory_mb": group.memory_mb,
             "cpus": round(group.cpus, 3),
-            "instances": [
-                {"agent": i.agent.name, "instance": i.id, "class": i.agent.cls,
-                 "depends_on": list(i.agent.depends_on),
-                 "health_timeout": i.agent.health_timeout,
-                 "concurrency": i.agent.concurrency, "options": i.agent.options}
-                for i in group.instances
-            ],
+            "instances": [instance_spec(i).to_doc() for i in group.instances],
         }
     var = topology.address_env(machine)
     return {
@@ -103,11 +75,18 @@ def render_startup_config(topology: Topology, machine: str,
         "advertise_host": f"${{{var}:-{addresses[machine]}}}",
         "bind": bind,
         "redis": dict(redis),
-        "registry": dict(registry or {"ttl": 6.0, "heartbeat": 2.0}),
+        "registry": dict(registry or registry_doc()),
         "stateful_agents": sorted(a.name for a in topology.agents.values() if a.stateful),
         "groups": groups,
         "system": system_layout(topology, addresses, monitoring),
     }
+
+
+def instance_spec(instance: Instance) -> InstanceSpec:
+    agent = instance.agent
+    return InstanceSpec(agent=agent.name, instance=instance.id, cls=agent.cls,
+                        depends_on=list(agent.depends_on), health_timeout=agent.health_timeout,
+                        concurrency=agent.concurrency, options=agent.options)
 
 
 def address_env(topology: Topology, addresses: Mapping[str, str]) -> dict[str, str]:
@@ -145,30 +124,3 @@ def startup_config_for(topology_path: str, machine: str, addresses: Mapping[str,
 def write_startup_config(config: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-def load_host_config(path: str | Path, group: str,
-                     env: Mapping[str, str] | None = None) -> HostConfig:
-    """Read a startup config (expanding ${VAR}) and pick one group's host settings."""
-    doc = yaml.safe_load(expand(Path(path).read_text(), env))
-    groups = doc.get("groups") or {}
-    if group not in groups:
-        known = ", ".join(groups) or "none"
-        raise ConfigError(f"group {group!r} is not in {path} (groups there: {known})")
-    g = groups[group]
-    registry = doc.get("registry") or {}
-    return HostConfig(
-        group=group, machine=doc["machine"], port=int(g["port"]),
-        http_port=int(g["http_port"]), advertise_host=str(doc["advertise_host"]),
-        redis=doc["redis"], stateful_agents=list(doc.get("stateful_agents") or []),
-        instances=[InstanceSpec(agent=i["agent"], instance=i["instance"], cls=i["class"],
-                                depends_on=list(i.get("depends_on") or []),
-                                health_timeout=float(i.get("health_timeout", 15)),
-                                concurrency=int(i.get("concurrency", DEFAULT_CONCURRENCY)),
-                                options=dict(i.get("options") or {}))
-                   for i in g["instances"]],
-        ttl=float(registry.get("ttl", 6.0)), heartbeat=float(registry.get("heartbeat", 2.0)),
-        system=dict(doc.get("system") or {}),
-        curve=dict((doc.get("security") or {}).get("curve") or {}),
-        bind=str(doc.get("bind", "*")),
-    )

@@ -14,8 +14,8 @@ import os
 
 import redis
 
-from agentlink import protocol
-from agentlink.durable import Durable
+from agentlink.runtime import protocol
+from agentlink.runtime.durable import Durable
 
 PREFIX = "agentlink:idempotency"
 CLAIM = b"claim:"  # a stored reply is JSON, so never starts like this

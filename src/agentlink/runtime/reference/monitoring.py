@@ -9,9 +9,9 @@ from typing import Any
 import psutil
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from agentlink.agent import BaseAgent, Degraded
-from agentlink.healthboard import HealthDashboard
-from agentlink.registry import REDIS_ERRORS
+from agentlink.runtime.agent import BaseAgent, Degraded
+from agentlink.runtime.healthboard import HealthDashboard
+from agentlink.runtime.registry import REDIS_ERRORS
 
 MEMORY_PRESSURE = 0.9
 # The roadmap's limits: the whole system under 8 GB and 60% CPU.

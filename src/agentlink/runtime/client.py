@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentlink import protocol
-from agentlink.pool import PeerGone, Pool, RequestTimeout, SocketsBusy, get_pool
-from agentlink.registry import InstanceRecord, Registry, redis_client
+from agentlink.runtime import protocol
+from agentlink.runtime.pool import PeerGone, Pool, RequestTimeout, SocketsBusy, get_pool
+from agentlink.runtime.registry import InstanceRecord, Registry, redis_client
 from agentlink.security import operator_keys, operator_settings
 
 # How an attempt failed, in a NoInstance message: what to look at differs for each.
@@ -172,7 +172,7 @@ class FailoverClient:
     def call(self, agent: str, payload: Any, key: str | None = None,
              timeout: float | None = None, idempotency_key: str | None = None) -> Any:
         """`key` routes a stateful agent's request; `idempotency_key` makes the request run at
-        most once, however often it is sent (see agentlink.idempotency)."""
+        most once, however often it is sent (see agentlink.runtime.idempotency)."""
         deadline = time.monotonic() + (timeout or 5.0)
         last_error = "no instance registered"
         frames = protocol.encode_request(agent, payload, idempotency_key)

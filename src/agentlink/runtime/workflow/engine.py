@@ -1,13 +1,13 @@
 """The workflow engine: runs workflows on one RequestCoordinator replica, state in Redis.
 
 Every workflow is one JSON record in Redis, written with an acknowledged write (see
-agentlink.durable) when it is created, when each step ends and when it ends, so what a
+agentlink.runtime.durable) when it is created, when each step ends and when it ends, so what a
 caller was told is never lost. Each replica owns the workflows it runs: their ids are in its
 set `owned:<replica>`, and its key `alive:<replica>` lives while its keeper renews it. When
 a replica dies or is cut off, its key expires; another replica moves the dead one's set into
 its own in one atomic step and resumes each workflow from its record: completed steps keep
 their results, the others run again. A step with an idempotency key is answered by the agent
-host from its first run if that run completed (agentlink.idempotency), so it never runs
+host from its first run if that run completed (agentlink.runtime.idempotency), so it never runs
 twice. Writes are guarded: a replica writes a record only while the workflow is in its set.
 """
 
@@ -28,15 +28,15 @@ from typing import Any
 import jinja2
 import redis
 
-from agentlink import protocol
-from agentlink.agent import Caller
-from agentlink.durable import DURABLE_ERRORS, Durable
-from agentlink.registry import as_text
+from agentlink.runtime import protocol
+from agentlink.runtime.agent import Caller
+from agentlink.runtime.durable import DURABLE_ERRORS, Durable
+from agentlink.runtime.registry import as_text
+from agentlink.runtime.workflow.definition import Workflow, parse
+from agentlink.runtime.workflow.scheduler import Scheduler, Task
 from agentlink.topology import DEFAULT_CONCURRENCY
-from agentlink.workflow.definition import Workflow, parse
-from agentlink.workflow.scheduler import Scheduler, Task
 
-log = logging.getLogger("agentlink.workflow")
+log = logging.getLogger("agentlink.runtime.workflow")
 PREFIX = "agentlink:workflow"
 OWNERS = f"{PREFIX}s:owners"
 RUNNING, SUCCEEDED, FAILED, PENDING = "running", "succeeded", "failed", "pending"

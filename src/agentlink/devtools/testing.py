@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentlink.agent import AgentContext, BaseAgent, MemoryState
-from agentlink.host import AgentHost, HostConfig, InstanceSpec
+from agentlink.runtime.agent import AgentContext, BaseAgent, MemoryState
+from agentlink.runtime.host import AgentHost
+from agentlink.runtime.startup_config import HostConfig, InstanceSpec
 from agentlink.topology import DEFAULT_CONCURRENCY
 
 

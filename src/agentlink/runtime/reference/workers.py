@@ -7,7 +7,7 @@ import hashlib
 from collections import Counter
 from typing import Any
 
-from agentlink.agent import BaseAgent
+from agentlink.runtime.agent import BaseAgent
 
 MAX_HOPS = 3
 

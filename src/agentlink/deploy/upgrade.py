@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from agentlink.launch import Backend, Launcher, LaunchError, Unit
-from agentlink.launch import plan as plan_units
+from agentlink.deploy.launch import Backend, Launcher, LaunchError, Unit
+from agentlink.deploy.launch import plan as plan_units
 from agentlink.topology import Topology
 
 DRAIN_TTL_S = 600  # a drain left behind by a killed run lifts itself

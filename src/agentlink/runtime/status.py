@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agentlink.registry import Registry
+from agentlink.runtime.registry import Registry
 from agentlink.topology import Topology
 
 Probe = Callable[[str], dict[str, Any] | None]

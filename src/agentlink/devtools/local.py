@@ -22,10 +22,10 @@ from typing import Any
 
 import psutil
 
-from agentlink.config import render_startup_config, write_startup_config
-from agentlink.launch import Launcher, LaunchError, LaunchReport, Unit
-from agentlink.redis_server import RedisServer
-from agentlink.status import fetch_health
+from agentlink.deploy.launch import Launcher, LaunchError, LaunchReport, Unit
+from agentlink.deploy.render import render_startup_config, write_startup_config
+from agentlink.devtools.redis_server import RedisServer
+from agentlink.runtime.status import fetch_health
 from agentlink.topology import Topology
 
 STOP_DEADLINE = 15.0

@@ -8,10 +8,10 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from agentlink.agent import BaseAgent, Degraded
+from agentlink.runtime.agent import BaseAgent, Degraded
+from agentlink.runtime.workflow.engine import WorkflowEngine
+from agentlink.runtime.workflow.metrics import engine_metrics
 from agentlink.topology import DEFAULT_CONCURRENCY
-from agentlink.workflow.engine import WorkflowEngine
-from agentlink.workflow.metrics import engine_metrics
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -47,7 +47,7 @@ class SystemDigitalTwin(BaseAgent):
 
 class RequestCoordinator(BaseAgent):
     """The system's front door: routes a request to any agent by name, and runs workflows
-    with its other replicas (agentlink.workflow).
+    with its other replicas (agentlink.runtime.workflow).
 
     Requests: {"agent", "payload"} routes; {"op": "workflow.run", "workflow": {...},
     "input": {...}} starts a workflow and answers its id once it is recorded;

@@ -2,7 +2,7 @@
 
 A request is two frames after the DEALER/ROUTER envelope: the target agent's name and a JSON
 body, and optionally a third, an idempotency key: the agent host then runs the request at most
-once for that key and answers repeats with the first reply (agentlink.idempotency).
+once for that key and answers repeats with the first reply (agentlink.runtime.idempotency).
 A reply is one JSON frame: {"ok": true, "result": ...} or {"ok": false, "code", "error"}.
 Codes tell the client whether another instance may be tried: only codes in RETRYABLE mean the
 request was not processed. OVERLOADED: the host's queue is full (a flood); another replica, or

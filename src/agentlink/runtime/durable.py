@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from agentlink.registry import REDIS_ERRORS, as_text
+from agentlink.runtime.registry import REDIS_ERRORS, as_text
 
 # Writes (or a read) as one pipeline: WAIT counts the writes of its own connection.
 Writes = Callable[[Any], Any]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-log = logging.getLogger("agentlink.workflow")
+log = logging.getLogger("agentlink.runtime.workflow")
 
 
 @dataclass(frozen=True)
