@@ -48,6 +48,15 @@ def test_agent_host_runs_as_non_root_with_its_config_read_only(deployed: Deploym
         assert run_in(deployed, name, "sh", "-c", f"command -v {tool}")[0] != 0
 
 
+def test_the_runtime_image_carries_the_runtime_and_not_the_controller(deployed: Deployment
+                                                                      ) -> None:
+    name = "agentlink-mainpc-core"
+    assert run_in(deployed, name, "python3", "-c", "import agentlink.runtime.host")[0] == 0
+    for package in ("agentlink.deploy", "agentlink.devtools"):
+        code, output = run_in(deployed, name, "python3", "-c", f"import {package}")
+        assert code != 0 and "ModuleNotFoundError" in output, (package, output)
+
+
 def test_every_group_answers_healthy_with_all_its_instances(deployed: Deployment) -> None:
     for group in deployed.topology.groups.values():
         url = f"http://{deployed.addresses[group.machine]}:{group.http_port}"

@@ -52,6 +52,8 @@ def project(tmp_path: Path) -> Path:
     (tmp_path / "src" / "agentlink" / "__pycache__").mkdir(parents=True)
     (tmp_path / "src" / "agentlink" / "__init__.py").write_text('"""agentlink."""\n')
     (tmp_path / "src" / "agentlink" / "agent.py").write_text("class BaseAgent: ...\n")
+    (tmp_path / "src" / "agentlink" / "deploy").mkdir()
+    (tmp_path / "src" / "agentlink" / "deploy" / "rollout.py").write_text("import docker\n")
     (tmp_path / "src" / "agentlink" / "__pycache__" / "agent.cpython-311.pyc").write_bytes(b"x")
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "agentlink"\nversion = "0.1.0"\n')
     (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
@@ -69,7 +71,8 @@ def _specs(project: Path, packages=("python3",), constraints="markupsafe==3.0.4\
          "files": [
              {"dest": "pyproject.toml", "src": str(project / "pyproject.toml")},
              {"dest": "README.md", "src": str(project / "README.md"), "optional": True},
-             {"dest": "src/agentlink", "src": str(project / "src" / "agentlink")},
+             {"dest": "src/agentlink", "src": str(project / "src" / "agentlink"),
+              "exclude": ["deploy", "devtools"]},
              {"dest": "constraints.txt", "content": constraints},
              {"dest": "ca-certificates.crt", "src": str(project / "ca.crt"), "hash": False},
          ]},
@@ -179,6 +182,23 @@ def test_a_new_source_file_retags_the_runtime(project):
     before = _tags(project)
     (project / "src" / "agentlink" / "extra.py").write_text("")
     assert _tags(project)["runtime"] != before["runtime"]
+
+
+def test_the_runtime_image_carries_no_controller_code(project):
+    staged = plan.plan_images(_specs(project), templates_dir=project / "images",
+                              namespace="agentlink", version="0.1.0",
+                              variables=VARIABLES)["runtime"]["files"]
+    assert "src/agentlink/agent.py" in staged
+    assert not [name for name in staged if "/deploy" in name]
+    before = _tags(project)
+    (project / "src" / "agentlink" / "deploy" / "rollout.py").write_text("import docker, yaml\n")
+    assert _tags(project) == before
+
+
+def test_the_role_stages_the_package_without_deploy_and_devtools():
+    spec = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())["_images_runtime_spec"]
+    package = next(f for f in spec["files"] if f["dest"] == "src/agentlink")
+    assert set(package["exclude"]) == {"deploy", "devtools"}
 
 
 def test_caches_the_ca_bundle_and_readme_absence_do_not_matter_unless_real(project):

@@ -120,8 +120,9 @@ def plan_images(specs: Iterable[Mapping[str, Any]], *, templates_dir: str | os.P
     ``<namespace>/<name>``), ``template`` (no template: an image built otherwise, such as the
     debootstrap base), ``parent`` (an earlier spec; its ref is the template variable
     ``<parent>_image``), ``vars``, ``files`` (list of ``{dest, src or content, hash: true,
-    optional: false}``; an absent optional src is staged empty) and ``inputs`` (extra data
-    hashed into the tag).
+    optional: false, exclude: []}``; an absent optional src is staged empty, ``exclude``
+    adds name patterns left out of a walked directory) and ``inputs`` (extra data hashed
+    into the tag).
     Template variables are ``variables`` + the spec's ``vars`` + ``version`` and ``image_name``.
     """
     exclude = tuple(exclude)
@@ -157,7 +158,8 @@ def plan_images(specs: Iterable[Mapping[str, Any]], *, templates_dir: str | os.P
                 if entry.get("hash", True):
                     hashed[dest] = None
                 continue
-            for rel, path in collect_files(src, dest, exclude).items():
+            entry_exclude = (*exclude, *(entry.get("exclude") or ()))
+            for rel, path in collect_files(src, dest, entry_exclude).items():
                 data = path.read_bytes()
                 staged[rel] = data
                 if entry.get("hash", True):
