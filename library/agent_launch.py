@@ -24,7 +24,9 @@ options:
       - Per machine name, how to run its containers. Keys C(image), C(config_dir),
         C(address) (where the controller reaches the machine's ports), and optionally
         C(docker_host), C(network_mode), C(env), C(config_checksum), C(restart_policy),
-        C(ssh_args) (for an C(ssh://) docker_host, the SSH options Ansible uses there).
+        C(ssh_args) (for an C(ssh://) docker_host, the SSH options Ansible uses there),
+        C(hardening) (C(read_only), C(cap_drop), C(security_opts), as in
+        community.docker.docker_container).
     type: dict
     required: true
   state:

@@ -26,6 +26,9 @@ from agentlink.topology import Topology, load
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = "agentlink.runtime.reference.workers:Worker"
+# What every container of a deployment gets (the shared group_vars the agents role passes on).
+HARDENING = yaml.safe_load((ROOT / "playbooks" / "group_vars" / "all" / "agentlink.yml")
+                           .read_text())["agentlink_container_hardening"]
 
 
 def _image() -> str:
@@ -65,7 +68,7 @@ def make_lab(tmp_path: Path, redis_url: str, second_class: str,
     config_dir.chmod(0o755)
     machines = {"solo": {"image": _image(), "config_dir": str(config_dir),
                          "address": "127.0.0.1", "network_mode": "host", "env": env or {},
-                         "config_checksum": "1"}}
+                         "config_checksum": "1", "hardening": HARDENING}}
     return topology, DockerBackend(rollout.machine_specs(machines, topology),
                                    prefix=f"agentlink-test-{tmp_path.name[-8:]}")
 

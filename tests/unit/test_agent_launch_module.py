@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from agentlink.deploy import rollout
 from agentlink.topology import load
@@ -83,7 +84,8 @@ def test_machine_specs_take_only_the_topology_machines() -> None:
     assert specs["mainpc"].network_mode == "host"  # the default for a real machine
 
 
-@pytest.mark.parametrize("changed", ["image", "env", "config_checksum", "network_mode"])
+@pytest.mark.parametrize("changed", ["image", "env", "config_checksum", "network_mode",
+                                     "hardening"])
 def test_any_input_of_a_container_changes_its_digest(changed: str) -> None:
     from agentlink.deploy.docker_backend import LABEL_DIGEST, DockerBackend
     from agentlink.deploy.launch import plan
@@ -92,7 +94,8 @@ def test_any_input_of_a_container_changes_its_digest(changed: str) -> None:
     unit = plan(topology)[0][0]
     base = {"mainpc": machine(), "pc2": machine()}
     value = {"image": "agentlink/mainpc:0-other", "env": {"MAIN_PC_HOST": "moved"},
-             "config_checksum": "new", "network_mode": "container:other"}[changed]
+             "config_checksum": "new", "network_mode": "container:other",
+             "hardening": {"read_only": True}}[changed]
     changed_machines = {m: machine(**{changed: value}) for m in base}
 
     def digest(machines: dict[str, Any]) -> str:
@@ -101,3 +104,25 @@ def test_any_input_of_a_container_changes_its_digest(changed: str) -> None:
 
     assert digest(base) == digest(dict(base))
     assert digest(base) != digest(changed_machines)
+
+
+def test_agent_hosts_get_the_hardening_every_container_of_the_inventory_gets() -> None:
+    from agentlink.deploy.docker_backend import DockerBackend
+    from agentlink.deploy.launch import plan
+
+    shared = yaml.safe_load((ROOT / "playbooks" / "group_vars" / "all" / "agentlink.yml")
+                            .read_text())["agentlink_container_hardening"]
+    topology = load(TOPOLOGY)
+    machines = {m: machine(hardening=shared) for m in ("mainpc", "pc2")}
+    run = DockerBackend(rollout.machine_specs(machines, topology)).desired(plan(topology)[0][0])
+    assert run["read_only"] is True
+    assert run["cap_drop"] == ["ALL"]
+    assert run["security_opt"] == ["no-new-privileges"]
+    assert run["tmpfs"] == {"/tmp": "size=16m,mode=1777"} and run["pids_limit"] == 256
+
+
+def test_a_misspelt_hardening_option_fails_before_anything_starts(tmp_path: Path) -> None:
+    machines = {m: machine(hardening={"readonly": True}) for m in ("mainpc", "pc2")}
+    result = run_module({"topology": str(TOPOLOGY), "machines": machines}, tmp_path)
+    assert result["failed"]
+    assert "readonly" in result["msg"] and "read_only" in result["msg"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,18 @@ def test_playbooks_pass_ansible_syntax_check() -> None:
         result = subprocess.run([str(playbook), "--syntax-check", name], cwd=ROOT,
                                 capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+SHARED_FACTS = ROOT / "playbooks" / "group_vars" / "all" / "agentlink.yml"
+# A fact the roles share has one home (SHARED_FACTS): its value written anywhere else in the
+# toolkit's Ansible files would drift from it.
+SHARED_LITERALS = re.compile(r"\b(?:26379|9090|9093)\b|no-new-privileges|cap_drop: \[ALL\]")
+
+
+def test_shared_facts_are_written_once() -> None:
+    files = [ROOT / "site.yml", *(p for folder in ("roles", "playbooks", "inventory")
+                                  for p in (ROOT / folder).rglob("*") if p.is_file())]
+    repeated = [str(p.relative_to(ROOT)) for p in files
+                if p != SHARED_FACTS and SHARED_LITERALS.search(p.read_text(errors="replace"))]
+    assert repeated == []
+    assert SHARED_LITERALS.search(SHARED_FACTS.read_text())

@@ -34,16 +34,23 @@ LABEL_MACHINE = "io.agentlink.machine"
 CONFIG_MOUNT = "/etc/agentlink"
 PREVIOUS = "-previous"  # name suffix of the host an upgrade keeps aside for a rollback
 MIN_MEMORY_MB = 64  # the Python runtime alone; agents' own limits add to it
-# Least privilege: the image's non-root user, nothing writable but a small /tmp, no
-# capabilities, no privilege gain through setuid binaries. Threads count as pids: a host
-# runs its workers, HTTP and ZeroMQ threads, well under the bound.
-HARDENING: dict[str, Any] = {
-    "read_only": True,
-    "tmpfs": {"/tmp": "size=16m,mode=1777"},
-    "cap_drop": ["ALL"],
-    "security_opt": ["no-new-privileges"],
-    "pids_limit": 256,
-}
+# An agent host's own limits: nothing writable but a small /tmp (the rest is the machine's
+# hardening, below). Threads count as pids: a host runs its workers, HTTP and ZeroMQ
+# threads, well under the bound.
+AGENT_HOST_LIMITS: dict[str, Any] = {"tmpfs": {"/tmp": "size=16m,mode=1777"}, "pids_limit": 256}
+# community.docker.docker_container's option names, as the inventory writes the hardening
+# every container shares (agentlink_container_hardening), to the Docker SDK's run arguments.
+_HARDENING_OPTIONS = {"read_only": "read_only", "cap_drop": "cap_drop",
+                      "security_opts": "security_opt"}
+
+
+def run_hardening(hardening: dict[str, Any]) -> dict[str, Any]:
+    """The Docker SDK's run arguments for the inventory's container hardening."""
+    unknown = sorted(set(hardening) - set(_HARDENING_OPTIONS))
+    if unknown:
+        raise ValueError(f"container hardening: unknown option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(_HARDENING_OPTIONS))}")
+    return {_HARDENING_OPTIONS[key]: value for key, value in hardening.items()}
 
 
 @dataclass
@@ -61,6 +68,11 @@ class MachineSpec:
     secret_dir: str = ""  # on that machine: keys and passwords (roles/secrets); "" for none
     restart_policy: str = "unless-stopped"
     ssh_args: str = ""  # for an ssh:// docker_host: the key, port, options Ansible uses
+    # read_only, cap_drop, security_opts (agentlink_container_hardening); {} for none
+    hardening: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        run_hardening(self.hardening)  # a misspelt option fails before anything starts
 
 
 class DockerBackend:
@@ -131,7 +143,8 @@ class DockerBackend:
             "nano_cpus": max(int(unit.group.cpus * 1e9), 10**8),
             "restart_policy": {"Name": machine.restart_policy},
             "stop_signal": "SIGTERM",
-            **HARDENING,
+            **AGENT_HOST_LIMITS,
+            **run_hardening(machine.hardening),
         }
         digest = hashlib.sha256(json.dumps([spec, machine.config_checksum], sort_keys=True)
                                 .encode()).hexdigest()[:16]
