@@ -2,7 +2,7 @@
 
 from agentlink.deploy.dashboards import dashboards, grafana_provisioning, validate_dashboard
 from agentlink.deploy.monitoring import scrape_targets
-from agentlink.deploy.render import address_env, startup_config_for
+from agentlink.deploy.render import startup_config_for
 from agentlink.security import secret_mount
 from agentlink.topology import load_once
 
@@ -11,8 +11,6 @@ class FilterModule:
     def filters(self) -> dict[str, object]:
         return {
             "agentlink_startup_config": startup_config_for,
-            "agentlink_address_env": lambda path, addresses: address_env(load_once(path),
-                                                                         addresses),
             "agentlink_grafana_dashboards": lambda path: dashboards(load_once(path)),
             "agentlink_grafana_provisioning": grafana_provisioning,
             "agentlink_grafana_problems": validate_dashboard,

@@ -50,12 +50,13 @@ def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return inventory, out
 
 
-def test_every_machine_gets_an_env_file_and_a_startup_config(rendered: tuple[Path, Path]
-                                                             ) -> None:
+def test_every_machine_gets_a_startup_config_and_nothing_else(rendered: tuple[Path, Path]
+                                                              ) -> None:
     _, out = rendered
     topology = load(ROOT / "topology" / "agents.yml")
     for machine in topology.machines:
-        assert (out / machine / "agentlink.env").is_file()
+        # The one carrier of addresses: no env file beside it that could disagree.
+        assert sorted(p.name for p in (out / machine).iterdir()) == ["startup_config.yaml"]
         config = yaml.safe_load((out / machine / "startup_config.yaml").read_text())
         groups = {g.name for g in topology.groups.values() if g.machine == machine}
         assert set(config["groups"]) == groups
@@ -77,11 +78,8 @@ def test_addresses_are_environment_variables_with_inventory_defaults(
     assert re.search(r"advertise_host: \$\{PC2_HOST:-[^}]+\}", text)
     assert "${MAIN_PC_HOST:-" in text  # Sentinel on mainpc, for the registry
     assert "${WITNESS_HOST:-" in text  # and on the witness, which runs only a Sentinel
-    env = dict(line.split("=", 1) for line in (out / "pc2" / "agentlink.env").read_text()
-               .splitlines() if line and not line.startswith("#"))
-    assert set(env) == {"AGENTLINK_MACHINE", "MAIN_PC_HOST", "PC2_HOST", "WITNESS_HOST"}
     # The environment overrides the inventory's default: a moved machine needs no re-render.
-    moved = {**env, "PC2_HOST": "pc2.example.internal"}
+    moved = {"PC2_HOST": "pc2.example.internal"}
     group = next(iter(yaml.safe_load(text)["groups"]))
     config = load_host_config(out / "pc2" / "startup_config.yaml", group, moved)
     assert config.advertise_host == "pc2.example.internal"

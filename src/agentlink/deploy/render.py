@@ -89,12 +89,6 @@ def instance_spec(instance: Instance) -> InstanceSpec:
                         concurrency=agent.concurrency, options=agent.options)
 
 
-def address_env(topology: Topology, addresses: Mapping[str, str]) -> dict[str, str]:
-    """The environment that carries every machine's address: {"MAIN_PC_HOST": ...}; a
-    machine outside the topology (the witness) gets <NAME>_HOST."""
-    return {topology.address_env(m): address for m, address in addresses.items()}
-
-
 def sentinel_settings(topology: Topology, addresses: Mapping[str, str], port: int,
                       service: str) -> dict[str, Any]:
     """Redis through Sentinel on every machine given, each address as ${VAR:-default}."""
