@@ -106,7 +106,9 @@ def test_containers_carry_the_topology_limits_and_a_restart_policy(deployed: Dep
     for group in deployed.topology.groups.values():
         config = deployed.container(f"agentlink-{group.name}").attrs["HostConfig"]
         assert config["Memory"] == (MIN_MEMORY_MB + int(group.memory_mb)) * 2**20
-        assert config["NanoCpus"] > 0
+        # Held back while the host started (DockerBackend.start), applied once healthy.
+        assert config["CpuQuota"] / config["CpuPeriod"] == pytest.approx(max(group.cpus, 0.1),
+                                                                         abs=1e-4)
         assert config["RestartPolicy"]["Name"] == "unless-stopped"
 
 

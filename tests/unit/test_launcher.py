@@ -20,6 +20,7 @@ class SlowToHealthBackend:
     def __init__(self) -> None:
         self.polls: dict[str, int] = {}
         self.events: list[str] = []
+        self.settled: list[str] = []
 
     def start(self, unit: Unit) -> bool:
         self.events.append(f"start {unit.name}")
@@ -43,6 +44,9 @@ class SlowToHealthBackend:
 
     def logs(self, unit: Unit, lines: int = 20) -> list[str]:
         return []
+
+    def settle(self, unit: Unit) -> None:
+        self.settled.append(unit.name)
 
 
 @pytest.fixture
@@ -72,6 +76,14 @@ def test_one_by_one_waits_for_each_host_before_starting_the_next(topology: Topol
     assert [layer.started for layer in report.layers] == [["g0", "g1", "g2"], ["g3"]]
 
 
+def test_every_host_is_settled_once_the_whole_launch_is_healthy(topology: Topology) -> None:
+    """Settling applies what a start held back (the CPU limit): after the last gate, so no
+    agent's start runs throttled, and for every host, also one left unsettled before."""
+    backend = SlowToHealthBackend()
+    Launcher(topology, backend, poll=0).launch()
+    assert sorted(backend.settled) == ["g0", "g1", "g2", "g3"]
+
+
 class OneSickBackend(SlowToHealthBackend):
     """g2's A2 says it is unhealthy (a failed check); g0 and g1 never get past starting."""
 
@@ -93,3 +105,14 @@ def test_a_gate_that_times_out_names_the_agent_that_says_it_is_unhealthy(
         Launcher(topology, OneSickBackend(), poll=0.01).launch()
     assert failure.value.instance == "A2-1"
     assert "did not become healthy within 0.2s" in str(failure.value)
+
+
+def test_a_failed_launch_settles_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "topology.yml"
+    agents = [{"name": "A", "class": "tests.unit.agents:Echo", "machine": "m", "group": "g0",
+               "port": 7000, "health_timeout": 0.2}]
+    path.write_text(yaml.safe_dump({"version": 1, "machines": {"m": {}}, "agents": agents}))
+    backend = OneSickBackend()
+    with pytest.raises(LaunchError):
+        Launcher(load(path), backend, poll=0.01).launch()
+    assert backend.settled == []

@@ -37,6 +37,7 @@ class ScriptedBackend:
     aside: dict[str, Host] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     drained_at_start: list[str] = field(default_factory=list)
+    settled: list[str] = field(default_factory=list)
 
     def image(self, unit: Unit) -> str:
         return self.want
@@ -76,6 +77,9 @@ class ScriptedBackend:
 
     def logs(self, unit: Unit, lines: int = 20) -> list[str]:
         return [f"{unit.name} log line"]
+
+    def settle(self, unit: Unit) -> None:
+        self.settled.append(unit.name)
 
     def set_aside(self, unit: Unit) -> bool:
         self.events.append(f"set aside {unit.name}")
@@ -144,6 +148,7 @@ def test_a_host_is_replaced_with_its_replicas_drained_and_undrained_after(
     done = upgrader(topology, backend, registry).upgrade("base")
     assert done is not None and (done.image_from, done.image_to) == (OLD, NEW)
     assert backend.events == ["set aside base", "start base", "discard base"]
+    assert backend.settled == ["base"]  # its CPU limit, once healthy
     # Only the replicated instance is drained: Base has no other instance to take its calls.
     assert backend.drained_at_start == ["Twin-1"]
     assert drained(registry) == []
@@ -172,6 +177,7 @@ def test_a_new_host_that_never_gets_healthy_is_rolled_back(
     err = failed.value
     assert err.restored
     assert backend.events == ["set aside base", "start base", "restore base"]
+    assert backend.settled == []  # the restored host kept the limit it ran with
     assert backend.hosts["base"].image == OLD
     assert drained(registry) == []
     text = str(err)

@@ -50,6 +50,10 @@ class Backend(Protocol):
 
     def logs(self, unit: Unit, lines: int = 20) -> list[str]: ...
 
+    def settle(self, unit: Unit) -> None:
+        """The unit's start is over and healthy: apply what the start held back (Docker: the
+        CPU limit); nothing when it already runs as specified."""
+
 
 @dataclass
 class LayerReport:
@@ -165,7 +169,12 @@ class Launcher:
             report.seconds = time.monotonic() - layer_begun
             self.progress(f"layer {index}: healthy in {report.seconds:.2f}s")
             reports.append(report)
-        return LaunchReport(reports, time.monotonic() - begun)
+        seconds = time.monotonic() - begun
+        # Every host, not only those started now: a launch cut off before this left some
+        # running without their limits.
+        for unit in by_group.values():
+            self.backend.settle(unit)
+        return LaunchReport(reports, seconds)
 
     def _start_all(self, units: list[Unit]) -> list[tuple[Unit, bool]]:
         if not units:

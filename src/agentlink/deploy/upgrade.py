@@ -169,6 +169,7 @@ class Upgrader:
             self.launcher.gate(agents, {unit.name: unit})
         except Exception as err:  # whatever went wrong, the old host goes back
             raise self._roll_back(unit, host, agents, err) from err
+        self.backend.settle(unit)
         self.backend.discard_previous(unit)
 
     def _roll_back(self, unit: Unit, host: HostUpgrade, agents: list[str], err: Exception

@@ -121,6 +121,9 @@ class ProcessBackend:
             os.waitpid(pid, os.WNOHANG)
         return running(pid)
 
+    def settle(self, unit: Unit) -> None:
+        """Local processes run without limits: nothing was held back."""
+
     @staticmethod
     def http(unit: Unit) -> str:
         return f"http://127.0.0.1:{unit.group.http_port}"
