@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
@@ -16,6 +17,7 @@ from agentlink.runtime import protocol
 from agentlink.runtime.agent import Degraded, MemoryState
 from agentlink.runtime.host import AgentHost
 from agentlink.runtime.host.admission import INLINE_TRIAL_RUNS, PARKED_PER_PLACE
+from agentlink.runtime.host.server import INITIAL_WORKERS
 from agentlink.runtime.pool import get_pool
 from agentlink.runtime.reference.core import MemoryOrchestratorService, RequestCoordinator
 from agentlink.runtime.reference.workers import Worker
@@ -237,6 +239,39 @@ def test_a_stateful_agent_never_runs_on_the_router_thread(redis_url: str) -> Non
     with run_group([AgentSpec("W", WHERE_RUN)], redis_url, stateful=["W"]) as host:
         assert all(thread_of(host, {}).startswith("worker-")
                    for _ in range(2 * INLINE_TRIAL_RUNS))
+
+
+def test_workers_start_as_jobs_wait_for_them_up_to_the_configured_number(
+        redis_url: str) -> None:
+    """An idle host keeps INITIAL_WORKERS threads; six slow requests at once start more,
+    never past `workers`, and every request is answered."""
+    config = host_config("elastic", [AgentSpec("W", WHERE_RUN, concurrency=8)], redis_url,
+                         stateful=["W"])
+    config.workers = 4
+    host = AgentHost(config)
+    host.start()
+
+    def workers() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith("elastic-worker-")}
+
+    sockets = []
+    try:
+        wait_healthy(host)
+        assert len(workers()) == INITIAL_WORKERS
+        for _ in range(6):
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.connect(f"tcp://127.0.0.1:{config.port}")
+            sock.send_multipart([b"", *protocol.encode_request("W", {"sleep": 0.3})])
+            sockets.append(sock)
+        answers = [json.loads(sock.recv_multipart()[-1]) for sock in sockets]
+        assert all(a["ok"] for a in answers), answers
+        ran_on = {a["result"]["thread"] for a in answers}
+        assert len(ran_on) == config.workers == len(workers())
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
+        host.stop()
+    eventually(lambda: not workers(), what="the workers ending with the host")
 
 
 def test_health_and_metrics_over_http(redis_url: str) -> None:

@@ -40,6 +40,8 @@ from agentlink.security import CurveKeys
 log = logging.getLogger("agentlink.runtime.host")
 REPLY_LINGER_MS = 1000
 DRAIN_GRACE_S = 0.5
+# Workers a host starts with; more start as jobs wait, up to its config's `workers`.
+INITIAL_WORKERS = 2
 # Bounds against hostile input. A message over MAX_MESSAGE_BYTES drops its sender's
 # connection (ZMQ_MAXMSGSIZE); beyond MAX_QUEUED_PER_WORKER requests per worker in flight, a
 # new one is answered `overloaded` instead of queued. Names from a message are echoed in
@@ -101,6 +103,12 @@ class AgentHost:
         self._reply_addr = f"inproc://replies-{id(self)}"
         self._pushers: list[zmq.Socket[bytes]] = []
         self._threads: list[threading.Thread] = []
+        # Workers start as jobs need them, up to config.workers: an idle host keeps few
+        # threads (each holds a stack and, once it replied, a socket).
+        self._workers_lock = threading.Lock()
+        self._workers = 0  # started
+        self._idle_workers = 0  # waiting for a job
+        self._workers_closed = False  # stopping: no worker starts any more
         self._router: zmq.Socket[bytes] | None = None
         self._http: ThreadingHTTPServer | None = None
         self._io_done = threading.Event()
@@ -158,15 +166,20 @@ class AgentHost:
         for slot in self.slots.values():
             slot.record.pid = os.getpid()
         self.supervisor.started_at = time.monotonic()
-        workers = [(self._worker, f"worker-{n}") for n in range(self.config.workers)]
         for target, name in ((self._serve_zmq, "zmq"), (self._http.serve_forever, "http"),
-                             (self.supervisor.run, "supervisor"), *workers):
-            thread = threading.Thread(target=self._essential(target, name),
-                                      name=f"{self.config.group}-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+                             (self.supervisor.run, "supervisor")):
+            self._thread(target, name)
+        with self._workers_lock:
+            for _ in range(min(INITIAL_WORKERS, self.config.workers)):
+                self._start_worker()
         log.info("group %s serving %d agent(s) on ports %d/%d", self.config.group,
                  len(self.slots), self.config.port, self.config.http_port)
+
+    def _thread(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=self._essential(target, name),
+                                  name=f"{self.config.group}-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _essential(self, target: Callable[[], None], name: str) -> Callable[[], None]:
         """The thread's work; if it ends by an error, the host is dead (say so, and why)."""
@@ -192,8 +205,10 @@ class AgentHost:
         if self._inflight:
             log.warning("stopping with %d request(s) still running", self._inflight)
         self.supervisor.stop_agents()
-        for _ in range(self.config.workers):
-            self._work_queue.put(None)
+        with self._workers_lock:
+            self._workers_closed = True
+            for _ in range(self._workers):
+                self._work_queue.put(None)
         self._io_done.wait(2.0)
         if self._http is not None:
             self._http.shutdown()
@@ -279,7 +294,7 @@ class AgentHost:
             self._refuse(ident, name, protocol.OVERLOADED,
                          f"group {self.config.group} has {self._inflight} requests in flight")
         else:
-            self._work_queue.put(((ident, slot, body, key[0] if key else None), False))
+            self._submit(((ident, slot, body, key[0] if key else None), False))
 
     def _answer_inline(self, ident: bytes, slot: Slot, body: bytes) -> None:
         """Run a request of a proven instance here, on the ROUTER's thread (InlineProof).
@@ -288,7 +303,7 @@ class AgentHost:
         reply = self._reply_or_internal_error(slot, body, None)
         parked = slot.leave()
         if parked is not None:  # a worker parked it meanwhile: it has the place now
-            self._work_queue.put((parked, True))
+            self._submit((parked, True))
         self._router.send_multipart([ident, b"", reply])
 
     def _admit(self) -> bool:
@@ -304,8 +319,28 @@ class AgentHost:
         self.metrics.rejected(agent, code)
         self._router.send_multipart([ident, b"", protocol.error(code, message)])
 
+    def _submit(self, item: tuple[Job, bool]) -> None:
+        """Queue a job for the workers; start one more when fewer wait than jobs do."""
+        self._work_queue.put(item)
+        with self._workers_lock:
+            if (self._idle_workers < self._work_queue.qsize()
+                    and self._workers < self.config.workers and not self._workers_closed):
+                self._start_worker()
+
+    def _start_worker(self) -> None:
+        """Under _workers_lock."""
+        self._thread(self._worker, f"worker-{self._workers}")
+        self._workers += 1
+
     def _worker(self) -> None:
-        while (item := self._work_queue.get()) is not None:
+        while True:
+            with self._workers_lock:
+                self._idle_workers += 1
+            item = self._work_queue.get()
+            with self._workers_lock:
+                self._idle_workers -= 1
+            if item is None:
+                return
             self._work(*item)
 
     def _work(self, job: Job, holds_place: bool = False) -> None:
