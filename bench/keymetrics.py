@@ -125,6 +125,7 @@ def measure(engine: docker.DockerClient, topology: Topology) -> dict[str, Any]:
     return {
         "agent_processes": len(agents),
         "agent_rss_mb": round(sum(p.rss for p in agents) / MB, 1),
+        "agent_pss_mb": round(sum(p.pss for p in agents) / MB, 1),
         "all_rss_mb": round(sum(p.rss for p in everything) / MB, 1),
         "zmq_contexts": sum(p.zmq_contexts for p in agents),
         "connections": connection_kinds(agents, infrastructure),
@@ -237,6 +238,8 @@ def rows(new: dict[str, Any], old: dict[str, Any], health: dict[str, Any],
     return [
         Row("memory of all agent processes, resident MB", new["agent_rss_mb"], "~3 GB",
             "1.8 GB", 1800, "≤ 0.6 GB", 600, old["agent_rss_mb"]),
+        Row("&nbsp;&nbsp;the same, shared pages counted once (proportional, PSS) MB",
+            new["agent_pss_mb"], old_way=old["agent_pss_mb"]),
         Row("&nbsp;&nbsp;everything the project runs (Redis, Sentinels, monitoring) MB",
             new["all_rss_mb"], old_way=old["all_rss_mb"]),
         Row("cold start, launcher's first start to all healthy, s", new["start"]["seconds"],

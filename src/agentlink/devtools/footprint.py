@@ -1,10 +1,13 @@
 """What a running system holds, read where it is held.
 
-From /proc, per process and inside the process's own network namespace: resident memory,
-ZeroMQ contexts (libzmq names each context's reaper thread `ZMQbg/Reaper`; a context that
-never opened a socket has none, and holds nothing), established TCP connections and
-listening ports. From the source: the health loops and the lines of health-check code.
-Used by bench/keymetrics.py; nothing here estimates.
+From /proc, per process and inside the process's own network namespace: resident and
+proportional memory (PSS: a page shared by n processes counts 1/n in each, so a sum over
+processes counts every page once, where a sum of resident sizes counts the interpreter and
+the libraries every process maps again for each), ZeroMQ contexts (libzmq names each
+context's reaper thread `ZMQbg/Reaper`; a context that never opened a socket has none, and
+holds nothing), established TCP connections and listening ports. From the source: the
+health loops and the lines of health-check code. Used by bench/keymetrics.py; nothing here
+estimates.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ Definition = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
 class ProcessFootprint:
     pid: int
     rss: int  # bytes
+    pss: int  # bytes: shared pages divided among the processes that map them
     zmq_contexts: int
     listening: set[Address] = field(default_factory=set)
     established: set[tuple[Address, Address]] = field(default_factory=set)  # (local, remote)
@@ -95,8 +99,9 @@ def zmq_contexts(pid: int) -> int:
 
 def process_footprint(pid: int) -> ProcessFootprint:
     listening, established = tcp_sockets(pid)
-    return ProcessFootprint(pid, psutil.Process(pid).memory_info().rss, zmq_contexts(pid),
-                            listening, established)
+    memory = psutil.Process(pid).memory_full_info()
+    return ProcessFootprint(pid, memory.rss, memory.pss, zmq_contexts(pid), listening,
+                            established)
 
 
 def tree_footprint(pid: int) -> list[ProcessFootprint]:
