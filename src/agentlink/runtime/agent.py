@@ -69,13 +69,8 @@ def checks_of(agent: BaseAgent) -> list[Check]:
     if not isinstance(results, Mapping):
         return [Check("check_health", "failed", f"returned {type(results).__name__} "
                       f"{results!r:.80}, not a dict of named checks")]
-    checks = []
-    for name, value in results.items():
-        if isinstance(value, Degraded):
-            checks.append(Check(str(name), "degraded", str(value)))
-        else:
-            checks.append(Check(str(name), "ok" if value else "failed"))
-    return checks
+    return [Check(str(name), "degraded", str(value)) if isinstance(value, Degraded)
+            else Check(str(name), "ok" if value else "failed") for name, value in results.items()]
 
 
 class Caller(Protocol):
