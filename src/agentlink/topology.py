@@ -7,7 +7,7 @@ Ansible toolkit all read the system through it. `validate()` reports every probl
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -394,14 +394,8 @@ class _Checker:
         return result
 
     def dependencies(self, agents: dict[str, Agent], lines: dict[str, int | None]) -> None:
-        for agent in agents.values():
-            for dep in agent.depends_on:
-                if dep not in agents:
-                    self.add(f"agent '{agent.name}' depends on unknown agent '{dep}'",
-                             lines.get(agent.name))
-        graph = {a.name: [d for d in a.depends_on if d in agents] for a in agents.values()}
-        for cycle in find_cycles(graph):
-            self.add(f"dependency cycle: {' -> '.join(cycle)}", lines.get(cycle[0]))
+        check_dependencies({a.name: a.depends_on for a in agents.values()}, "agent",
+                           lambda message, name: self.add(message, lines.get(name)))
 
     def groups(self, topology: Topology, lines: dict[str, int | None]) -> None:
         machine_of: dict[str, str] = {}
@@ -428,6 +422,22 @@ class _Checker:
         for (first, second), (machine, port) in clashes.items():
             self.add(f"groups '{first}' and '{second}' both use port {port} on {machine} "
                      "(a group uses its port and port + 1)", first_line.get(second))
+
+
+def check_dependencies(depends_on: Mapping[str, Iterable[str]], kind: str,
+                       add: Callable[[str, str], None]) -> tuple[dict[str, list[str]],
+                                                                 list[list[str]]]:
+    """Name each dependency on an unknown {kind} and each cycle, as add(message, the node it
+    is about); return the graph of the known dependencies and its cycles."""
+    for node, deps in depends_on.items():
+        for dep in deps:
+            if dep not in depends_on:
+                add(f"{kind} '{node}' depends on unknown {kind} '{dep}'", node)
+    graph = {node: [d for d in deps if d in depends_on] for node, deps in depends_on.items()}
+    cycles = find_cycles(graph)
+    for cycle in cycles:
+        add(f"dependency cycle: {' -> '.join(cycle)}", cycle[0])
+    return graph, cycles
 
 
 def find_cycles(graph: dict[str, list[str]]) -> list[list[str]]:

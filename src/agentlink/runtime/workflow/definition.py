@@ -36,7 +36,13 @@ import jinja2
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from agentlink.topology import Problem, ProblemsError, find_cycles, line_of, read_document
+from agentlink.topology import (
+    Problem,
+    ProblemsError,
+    check_dependencies,
+    line_of,
+    read_document,
+)
 
 TOP_KEYS = {"name", "input", "steps"}
 STEP_KEYS = {"id", "agent", "payload", "depends_on", "timeout", "retries", "idempotency_key"}
@@ -251,15 +257,9 @@ class _Checker:
                     retries, key)
 
     def graph(self, steps: dict[str, Step], raws: dict[Any, Any]) -> None:
-        for step in steps.values():
-            for dep in step.depends_on:
-                if dep not in steps:
-                    self.add(f"step '{step.id}' depends on unknown step '{dep}'",
-                             raws.get(step.id))
-        graph = {s.id: [d for d in s.depends_on if d in steps] for s in steps.values()}
-        cycles = find_cycles(graph)
-        for cycle in cycles:
-            self.add(f"dependency cycle: {' -> '.join(cycle)}", raws.get(cycle[0]))
+        graph, cycles = check_dependencies(
+            {s.id: s.depends_on for s in steps.values()}, "step",
+            lambda message, sid: self.add(message, raws.get(sid)))
         for step in steps.values():
             # With a cycle, what runs before what is undefined: only the syntax is checked.
             ancestors = None if cycles else _ancestors(step.id, graph)
