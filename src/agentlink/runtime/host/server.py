@@ -102,7 +102,6 @@ class AgentHost:
         self._work_queue: queue.SimpleQueue[tuple[Job, bool] | None] = queue.SimpleQueue()
         self._reply_addr = f"inproc://replies-{id(self)}"
         self._pushers: list[zmq.Socket[bytes]] = []
-        self._threads: list[threading.Thread] = []
         # Workers start as jobs need them, up to config.workers: an idle host keeps few
         # threads (each holds a stack and, once it replied, a socket).
         self._workers_lock = threading.Lock()
@@ -176,10 +175,8 @@ class AgentHost:
                  len(self.slots), self.config.port, self.config.http_port)
 
     def _thread(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=self._essential(target, name),
-                                  name=f"{self.config.group}-{name}", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        threading.Thread(target=self._essential(target, name),
+                         name=f"{self.config.group}-{name}", daemon=True).start()
 
     def _essential(self, target: Callable[[], None], name: str) -> Callable[[], None]:
         """The thread's work; if it ends by an error, the host is dead (say so, and why)."""
