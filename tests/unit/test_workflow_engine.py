@@ -23,6 +23,7 @@ from agentlink.runtime.client import FailoverClient
 from agentlink.runtime.host import AgentHost
 from agentlink.runtime.pool import get_pool
 from agentlink.runtime.registry import Registry, redis_client
+from agentlink.runtime.workflow.engine import ended_key, wait_ended
 from tests.unit.agents import Flaky, Slow
 from tests.unit.conftest import ROOT, eventually
 
@@ -110,6 +111,19 @@ def test_a_step_that_always_fails_fails_the_workflow_naming_it(system: FailoverC
     assert "boom" in record["error"]
     assert record["steps"]["fine"]["state"] == "succeeded"
     assert record["steps"]["never"]["state"] == "pending"
+
+
+def test_callers_waiting_in_redis_each_hear_how_a_workflow_ended(
+        system: FailoverClient, redis_url: str) -> None:
+    started = system.call("RequestCoordinator", {"op": "workflow.run", "workflow": {
+        "name": "test", "steps": [{"id": "nap", "agent": "Slow", "payload": {"sleep": 1.0}},
+                                  {"id": "doomed", "agent": "Failing", "depends_on": ["nap"]}]}})
+    store = redis.Redis.from_url(redis_url)
+    assert wait_ended(store, started["id"], 0.1) is None  # still napping
+    eventually(lambda: wait_ended(store, started["id"], 0.4) is not None, 10, "its end")
+    # The state stays for every later caller, as long as the record.
+    assert [wait_ended(store, started["id"], 0.1) for _ in range(3)] == ["failed"] * 3
+    assert store.pttl(ended_key(started["id"])) > 0
 
 
 def test_a_bad_definition_is_refused_with_every_problem(system: FailoverClient) -> None:

@@ -1,14 +1,16 @@
 """The workflow engine: runs workflows on one RequestCoordinator replica, state in Redis.
 
 Every workflow is one JSON record in Redis, written with an acknowledged write (see
-agentlink.runtime.durable) when it is created, when each step ends and when it ends, so what a
-caller was told is never lost. Each replica owns the workflows it runs: their ids are in its
-set `owned:<replica>`, and its key `alive:<replica>` lives while its keeper renews it. When
-a replica dies or is cut off, its key expires; another replica moves the dead one's set into
-its own in one atomic step and resumes each workflow from its record: completed steps keep
-their results, the others run again. A step with an idempotency key is answered by the agent
-host from its first run if that run completed (agentlink.runtime.idempotency), so it never runs
-twice. Writes are guarded: a replica writes a record only while the workflow is in its set.
+agentlink.runtime.durable) when it is created, when each step ends and when it ends, so what
+a caller was told is never lost; its final state also goes on a list that callers block on
+(wait_ended) instead of polling the record. Each replica owns the workflows it runs: their
+ids are in its set `owned:<replica>`, and its key `alive:<replica>` lives while its keeper
+renews it. When a replica dies or is cut off, its key expires; another replica moves the
+dead one's set into its own in one atomic step and resumes each workflow from its record:
+completed steps keep their results, the others run again. A step with an idempotency key is
+answered by the agent host from its first run if that run completed
+(agentlink.runtime.idempotency), so it never runs twice. Writes are guarded: a replica
+writes a record only while the workflow is in its set.
 """
 
 from __future__ import annotations
@@ -43,15 +45,19 @@ RUNNING, SUCCEEDED, FAILED, PENDING = "running", "succeeded", "failed", "pending
 BACKOFF_S, BACKOFF_CAP_S = 0.1, 2.0
 IN_PROGRESS_WAIT_S = 0.2
 
-# Write the record only while this replica owns the workflow; a finished workflow leaves the
-# owner's set and its record expires after the retention time.
+# Write the record only while this replica owns the workflow. A finished workflow leaves the
+# owner's set, its record expires after the retention time, and its final state goes on its
+# `ended` list (one element, same expiry) for those waiting on it (wait_ended).
 _SAVE = """
 if redis.call('sismember', KEYS[2], ARGV[2]) == 0 then return 0 end
-if ARGV[3] == '1' then
+if ARGV[3] == '' then
+  redis.call('set', KEYS[1], ARGV[1])
+else
   redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[4])
   redis.call('srem', KEYS[2], ARGV[2])
-else
-  redis.call('set', KEYS[1], ARGV[1])
+  redis.call('del', KEYS[3])
+  redis.call('rpush', KEYS[3], ARGV[3])
+  redis.call('pexpire', KEYS[3], ARGV[4])
 end
 return 1
 """
@@ -69,6 +75,20 @@ return ids
 
 def record_key(workflow_id: str) -> str:
     return f"{PREFIX}:{workflow_id}"
+
+
+def ended_key(workflow_id: str) -> str:
+    return f"{PREFIX}:{workflow_id}:ended"
+
+
+def wait_ended(client: redis.Redis, workflow_id: str, timeout: float) -> str | None:
+    """The workflow's final state once it has ended, or None while it still runs after
+    `timeout` seconds (below the client's socket timeout). It blocks in Redis instead of
+    polling the record, and any number of callers may wait on one workflow: BLMOVE from the
+    list to itself hands each of them its one element and keeps it."""
+    key = ended_key(workflow_id)
+    state = client.blmove(key, key, timeout, "LEFT", "RIGHT")  # type: ignore[arg-type]
+    return None if state is None else as_text(state)
 
 
 def owned_key(owner: str) -> str:
@@ -147,7 +167,6 @@ class WorkflowEngine:
         self.stats = EngineStats()
         self.machines_under_pressure: set[str] = set()
         self.scheduler = Scheduler(self._run_step, self._limit)
-        self._save = client.register_script(_SAVE)
         self._adopt = client.register_script(_ADOPT)
         self._runs: dict[str, _Run] = {}
         self._runs_lock = threading.Lock()
@@ -408,11 +427,13 @@ class WorkflowEngine:
 
     def _write(self, run: _Run, done: bool) -> bool:
         """The record, acknowledged; False when another replica owns the workflow now."""
-        args = [json.dumps(run.record), run.id, "1" if done else "0", self.retention_ms]
-        keys = [record_key(run.id), owned_key(self.owner)]
+        args = [json.dumps(run.record), run.id, run.record["state"] if done else "",
+                self.retention_ms]
+        keys = [record_key(run.id), owned_key(self.owner), ended_key(run.id)]
         try:
-            written = self.durable.write(lambda pipe: self._save(keys=keys, args=args,
-                                                                 client=pipe))
+            # EVAL, not a registered script: in a pipeline, redis-py asks SCRIPT EXISTS
+            # first, a round trip per batch; Redis caches the script by its hash anyway.
+            written = self.durable.write(lambda pipe: pipe.eval(_SAVE, len(keys), *keys, *args))
         except DURABLE_ERRORS as err:
             log.warning("workflow %s: record not written: %s", run.id, err)
             self._reconcile_due = True  # still ours in Redis: resume it from its record
