@@ -9,12 +9,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from agentlink.runtime.agent import BaseAgent, Degraded
-from agentlink.runtime.workflow.engine import WorkflowEngine
-from agentlink.runtime.workflow.metrics import engine_metrics
 from agentlink.topology import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
+
+    from agentlink.runtime.workflow.engine import WorkflowEngine
 
 MAX_OBSERVATIONS = 1000
 RESOURCES = "ResourceManager"  # reports which machines are under pressure
@@ -62,6 +62,10 @@ class RequestCoordinator(BaseAgent):
         takes its share of every agent's limit: concurrency x replicas / coordinators."""
         if self.context.registry is None:
             return None
+        # Imported here: the engine and Jinja are 2 MB of every host that runs an agent of
+        # this module, and only the coordinators' hosts run workflows.
+        from agentlink.runtime.workflow.engine import WorkflowEngine
+
         agents = {a["name"]: a for a in self.context.system.get("agents", [])}
         coordinators = max(1, int(agents.get(self.name, {}).get("replicas", 1)))
         limits = {}
@@ -116,6 +120,8 @@ class RequestCoordinator(BaseAgent):
 
     def collect_metrics(self) -> Iterable[Metric]:
         if self.engine is not None:
+            from agentlink.runtime.workflow.metrics import engine_metrics
+
             yield from engine_metrics(self.engine)
 
 
