@@ -91,6 +91,10 @@ PACKAGE = {
         class Healthy(Disk):
             def handle(self, request):
                 return request
+        def checks_of(agent):
+            return [agent.check_health]
+        def check_dependencies(graph):  # validates a graph: not a health check
+            return [node for node in graph if node not in graph]
     ''',
     "pkg/host.py": """
         class Host:
@@ -122,6 +126,6 @@ def test_health_code_is_found_in_the_modules_a_host_imports(tmp_path: Path) -> N
     assert [s.where for s in found.loops] == ["pkg.host.Host.loop"]
     assert {s.where: s.lines for s in found.code} == {
         "pkg.agent.Check": 2, "pkg.agent.BaseAgent.check_health": 2,
-        "pkg.host.Host.loop": 3, "pkg.host.Host.own_health": 2}
-    assert found.lines == 9
+        "pkg.agent.checks_of": 2, "pkg.host.Host.loop": 3, "pkg.host.Host.own_health": 2}
+    assert found.lines == 11
     assert [s.where for s in found.agent_checks] == ["pkg.agent.Disk.check_health"]
