@@ -84,12 +84,15 @@ def main() -> None:
     parser.add_argument("--rates", type=lambda text: tuple(int(r) for r in text.split(",")),
                         default=RATES, help="comma-separated, rising (default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--no-docs", action="store_true",
+                        help="print only (a trial of a few rates should not replace the docs)")
     args = parser.parse_args()
     levels = ramp(args.rates, args.seconds)
     body = table(levels, args.seconds)
     print("\n" + body)
-    write_section("load-ceiling", "Sustained load ceiling (`make bench-load`, "
-                  "`bench/ceiling.py`)", body)
+    if not args.no_docs:
+        write_section("load-ceiling", "Sustained load ceiling (`make bench-load`, "
+                      "`bench/ceiling.py`)", body)
     if args.json:
         args.json.write_text(json.dumps(levels, indent=2) + "\n")
 
