@@ -144,7 +144,7 @@ class DockerBackend:
             "mem_limit": f"{memory_mb}m",
             # The CPU limit as a quota per period: the form `docker update` can change.
             "cpu_period": CPU_PERIOD_US,
-            "cpu_quota": max(int(unit.group.cpus * CPU_PERIOD_US), CPU_PERIOD_US // 10),
+            "cpu_quota": self._cpu_quota(unit),
             "restart_policy": {"Name": machine.restart_policy},
             "stop_signal": "SIGTERM",
             **AGENT_HOST_LIMITS,
@@ -155,6 +155,11 @@ class DockerBackend:
         spec["labels"] = {LABEL_DIGEST: digest, LABEL_GROUP: unit.name,
                           LABEL_MACHINE: unit.machine}
         return spec
+
+    @staticmethod
+    def _cpu_quota(unit: Unit) -> int:
+        """The group's CPU limit in microseconds per CPU_PERIOD_US, at least a tenth of one."""
+        return max(int(unit.group.cpus * CPU_PERIOD_US), CPU_PERIOD_US // 10)
 
     @staticmethod
     def _volumes(machine: MachineSpec, group: str) -> dict[str, dict[str, str]]:
@@ -226,7 +231,7 @@ class DockerBackend:
     def settle(self, unit: Unit) -> None:
         """Apply the CPU limit start() held back; nothing when it is applied already."""
         container = self._get(unit)
-        quota = self.desired(unit)["cpu_quota"]
+        quota = self._cpu_quota(unit)
         if container is not None and container.attrs["HostConfig"]["CpuQuota"] != quota:
             container.update(cpu_period=CPU_PERIOD_US, cpu_quota=quota)
 
