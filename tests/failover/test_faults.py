@@ -1,8 +1,8 @@
 """Faults under load on the deployed system (the lab, or the dual harness's hosts): a replica
-killed, pc2 cut off and then stopped, the Redis primary killed, the primary's machine cut
-off with clients on both sides, a host frozen, slow links. In each the system keeps
-answering every request for which a live replica exists, loses no acknowledged write, shows
-what is degraded, and heals."""
+killed, pc2 cut off and then stopped, the Redis primary killed (also right after the
+Sentinels stalled), the primary's machine cut off with clients on both sides, a host
+frozen, slow links. In each the system keeps answering every request for which a live
+replica exists, loses no acknowledged write, shows what is degraded, and heals."""
 
 from __future__ import annotations
 
@@ -116,13 +116,17 @@ def test_pc2_cut_off_then_stopped_under_load(deployed: Deployment) -> None:
     wait_until("pc2 back after the stop", lambda: serving(deployed))
 
 
-def test_the_redis_primary_killed_under_load(deployed: Deployment) -> None:
+def kill_the_redis_primary_under_load(deployed: Deployment,
+                                      before: Callable[[], object] = lambda: None) -> None:
+    """Kill the primary Redis under load (after `before`): the Sentinels elect the replica,
+    no request fails, no acknowledged write is lost, and the old primary rejoins as a
+    replica."""
     sentinel = deployed.sentinel(deployed.addresses["mainpc"])
     old = sentinel.sentinel_get_master_addr_by_name("agentlink")[0]
     machine = next(m for m, a in deployed.addresses.items() if a == old)
     primary = deployed.container(f"agentlink-{machine}-redis")
     try:
-        report = under_load(deployed, primary.kill)
+        report = under_load(deployed, lambda: (before(), primary.kill()))
         new = sentinel.sentinel_get_master_addr_by_name("agentlink")[0]
     finally:
         primary.start()
@@ -131,6 +135,30 @@ def test_the_redis_primary_killed_under_load(deployed: Deployment) -> None:
     wait_until("the old primary back as a replica",
                lambda: deployed.redis(old).info("replication")["role"] == "slave")
     wait_until("every instance serving", lambda: serving(deployed))
+
+
+def test_the_redis_primary_killed_under_load(deployed: Deployment) -> None:
+    kill_the_redis_primary_under_load(deployed)
+
+
+def test_the_redis_primary_killed_after_a_stall(deployed: Deployment) -> None:
+    """Every Sentinel stalled 3 s (a machine that stopped scheduling: a VM's steal time, a
+    swap storm), then the primary killed. A Sentinel that finds its timer late distrusts
+    what it measured (TILT) and starts no failover for the tilt period: Redis's 30 s
+    outlasted every request's deadline, and by then the replica had been cut off from its
+    primary for longer than Sentinel allows a replica it promotes, so none was promoted."""
+    sentinels = [deployed.container(f"agentlink-{m}-sentinel") for m in deployed.machines]
+
+    def stall() -> None:
+        for sentinel in sentinels:
+            sentinel.pause()
+        try:
+            time.sleep(3)
+        finally:
+            for sentinel in sentinels:
+                sentinel.unpause()
+
+    kill_the_redis_primary_under_load(deployed, before=stall)
 
 
 def primary_machine(deployed: Deployment) -> str:
