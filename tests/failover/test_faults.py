@@ -121,16 +121,20 @@ def kill_the_redis_primary_under_load(deployed: Deployment,
     """Kill the primary Redis under load (after `before`): the Sentinels elect the replica,
     no request fails, no acknowledged write is lost, and the old primary rejoins as a
     replica."""
-    sentinel = deployed.sentinel(deployed.addresses["mainpc"])
-    old = sentinel.sentinel_get_master_addr_by_name("agentlink")[0]
-    machine = next(m for m, a in deployed.addresses.items() if a == old)
+    machine = primary_machine(deployed)
+    old = deployed.addresses[machine]
     primary = deployed.container(f"agentlink-{machine}-redis")
+
+    def fault() -> None:
+        before()
+        primary.kill()
+
     try:
-        report = under_load(deployed, lambda: (before(), primary.kill()))
-        new = sentinel.sentinel_get_master_addr_by_name("agentlink")[0]
+        report = under_load(deployed, fault)
+        elected = primary_machine(deployed)
     finally:
         primary.start()
-    assert new != old  # the Sentinels elected the replica
+    assert elected != machine  # the Sentinels elected the replica
     assert_nothing_lost(report)
     wait_until("the old primary back as a replica",
                lambda: deployed.redis(old).info("replication")["role"] == "slave")
