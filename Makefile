@@ -46,7 +46,7 @@ local-down: $(STAMP)
 	$(BIN)/agentlink down
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench library filter_plugins roles scripts
+	$(BIN)/ruff check src tests bench library filter_plugins strategy_plugins roles scripts
 	$(BIN)/mypy
 	$(BIN)/yamllint -s .
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-lint -q
