@@ -1,10 +1,13 @@
 """What only a deployment to real machines has: images shipped by export/copy/load, configs
 and secrets in each machine's /etc, host networking, nothing written on the controller by
-mistake, and an unreachable machine that stops the run before anything changes."""
+mistake, an unreachable machine that stops the run before anything changes, and a machine
+lost mid-run that fails the run rather than hanging it."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from agentlink.deploy.docker_backend import LABEL_GROUP
 from tests.failover.test_faults import serving, wait_until
 
 from .conftest import Deployment
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +85,31 @@ def test_an_unreachable_machine_stops_the_run_before_anything_changes(
     # Back on the LAN, the system heals by itself: what the later tests start from.
     wait_until("every instance serving after the cut", lambda: serving(deployed))
     wait_until("every target scraped after the cut", lambda: all_scraped(deployed))
+
+
+def test_a_machine_lost_mid_run_fails_the_run_instead_of_hanging_it(
+        deployed: Deployment, tmp_path: Path) -> None:
+    """The connection a run holds to a machine gives up on it once it goes silent (SSH
+    keepalive, 15 s): the run fails and names the machine; it does not wait for the LAN."""
+    command = [str(Path(sys.executable).parent / "ansible-playbook"),
+               str(Path(__file__).with_name("lost_mid_run.yml")), "-i", str(deployed.inventory),
+               "-e", f"lost_mid_run_dir={tmp_path}"]
+    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        wait_until("the run reached pc2 or ended",
+                   lambda: (tmp_path / "reached").exists() or run.poll() is not None)
+        assert run.poll() is None, run.communicate()[0][-2000:]
+        deployed.cut("pc2")
+        (tmp_path / "cut").touch()
+        # Ten times the keepalive's 15 s; Mitogen's own default would wait 5 minutes.
+        stdout, _ = run.communicate(timeout=150)
+    finally:
+        run.kill()
+        deployed.heal("pc2")
+    assert run.returncode != 0
+    assert "fatal: [pc2]: UNREACHABLE!" in stdout, stdout[-2000:]
+    assert "Ask the machine again" in stdout.split("fatal: [pc2]")[0]
 
 
 def all_scraped(deployed: Deployment) -> bool:
