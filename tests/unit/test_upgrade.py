@@ -156,6 +156,19 @@ def test_a_host_is_replaced_with_its_replicas_drained_and_undrained_after(
     assert backend.hosts["top"].image == OLD  # one host at a time
 
 
+def test_callers_are_given_time_to_see_the_instances_back_before_the_next_host(
+        topology: Topology, backend: ScriptedBackend, registry: Registry) -> None:
+    """The next host's drain may take the undrained instances' replicas away at once: the
+    wait for callers to re-read the registry follows the undrain too, not only the drain."""
+    said = backend.events  # what the upgrade says, in turn with what it does
+    Upgrader(topology, backend, registry, settle=0.0, progress=said.append).upgrade("base")
+    waits = [line for line in said if "waiting 0s for callers to notice" in line]
+    assert waits == ["drained Twin-1; waiting 0s for callers to notice",
+                     "undrained Twin-1; waiting 0s for callers to notice"]
+    assert said.index(waits[0]) < said.index("set aside base")
+    assert said.index(waits[1]) > said.index("discard base")
+
+
 def test_a_host_already_as_specified_is_left_alone(
         topology: Topology, backend: ScriptedBackend, registry: Registry) -> None:
     backend.hosts["base"] = Host(NEW)

@@ -5,7 +5,8 @@ Otherwise its replicated instances are drained in the registry, so callers go to
 replicas, and the callers' discovery caches are given time to notice. The host is then
 stopped: it stops taking requests (late ones are answered `unavailable`, which callers retry
 elsewhere) and finishes those in flight. Its container is kept aside, the new one started
-and gated on health; then the drain is lifted and the old container removed.
+and gated on health; then the drain is lifted, the callers are given the same time to
+notice, and the old container removed.
 
 When anything fails after the old host was stopped, the new container is removed, the old
 one is started again and gated, and UpgradeFailed says what failed and what was restored.
@@ -154,10 +155,13 @@ class Upgrader:
         return host
 
     def _drain(self, instances: list[tuple[str, str]], drained: bool) -> None:
+        """Drain or undrain, then give callers time to re-read the registry either way: the
+        next host's drain may take these instances' replicas away right after an undrain."""
         for agent, instance in instances:
             self.drainer.set_drain(agent, instance, drained, ttl=DRAIN_TTL_S)
-        if drained and instances:
-            self.progress(f"drained {', '.join(i for _, i in instances)}; "
+        if instances:
+            what = "drained" if drained else "undrained"
+            self.progress(f"{what} {', '.join(i for _, i in instances)}; "
                           f"waiting {self.settle:g}s for callers to notice")
             time.sleep(self.settle)
 
