@@ -14,7 +14,9 @@ Each socket is monitored for disconnects. When the connection drops while a requ
 (the peer crashed, or ZeroMQ's heartbeat found it gone), the reply can never come, so the
 request fails at once with PeerGone instead of waiting out its timeout; so does a request
 that finds no connection within CONNECT_WAIT_S. The failover client then moves on to
-another replica.
+another replica. A socket that was still connecting sent nothing, so it goes back to the
+pool and goes on connecting: on a loaded machine a handshake (CURVE's included) can take
+longer than the wait, and a fresh socket each time would never finish one.
 
 With CURVE keys (`Pool.keys`), every socket encrypts and authenticates: the pool presents
 this process's keypair and expects the server key of the group the endpoint serves.
@@ -49,6 +51,10 @@ class SocketsBusy(RequestTimeout):
 
 class PeerGone(RequestTimeout):
     """No connection to the peer, or it dropped with the request out: no reply will come."""
+
+
+class _NotConnected(PeerGone):
+    """No connection yet: nothing was sent, and the socket may still connect."""
 
 
 @dataclass
@@ -152,6 +158,10 @@ class Pool:
             attempt_timeout = min(timeout, max(deadline - time.monotonic(), 0.0))
             try:
                 reply = self._exchange(conn, frames, attempt_timeout)
+            except _NotConnected:
+                self._checkin(slot, conn)
+                gone = True
+                continue
             except PeerGone:
                 reply, gone = None, True
             except zmq.ZMQError:
@@ -172,7 +182,7 @@ class Pool:
         ms = int(timeout * 1000)
         conn.forget_disconnects()
         if not conn.sock.poll(int(min(timeout, CONNECT_WAIT_S) * 1000), zmq.POLLOUT):
-            raise PeerGone  # not connected: with IMMEDIATE, nothing was queued
+            raise _NotConnected  # with IMMEDIATE, nothing was queued
         conn.sock.send_multipart([b"", *frames], zmq.NOBLOCK)
         ready = dict(conn.poller.poll(ms))
         if conn.sock in ready:
