@@ -5,6 +5,7 @@ lost mid-run that fails the run rather than hanging it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import docker
+import psutil
 import pytest
 
 from agentlink.deploy.docker_backend import LABEL_GROUP
@@ -105,11 +107,22 @@ def test_a_machine_lost_mid_run_fails_the_run_instead_of_hanging_it(
         # Ten times the keepalive's 15 s; Mitogen's own default would wait 5 minutes.
         stdout, _ = run.communicate(timeout=150)
     finally:
-        run.kill()
+        if run.poll() is None:
+            kill_with_descendants(run.pid)
         deployed.heal("pc2")
     assert run.returncode != 0
     assert "fatal: [pc2]: UNREACHABLE!" in stdout, stdout[-2000:]
     assert "Ask the machine again" in stdout.split("fatal: [pc2]")[0]
+
+
+def kill_with_descendants(pid: int) -> None:
+    """A run's task workers (each its own session) and Mitogen's processes outlive a killed
+    ansible-playbook: kill the whole tree, found before anything in it dies."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        top = psutil.Process(pid)
+        for process in [*top.children(recursive=True), top]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def all_scraped(deployed: Deployment) -> bool:
