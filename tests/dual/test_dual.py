@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from agentlink.deploy.docker_backend import LABEL_GROUP
+from agentlink.devtools.local import terminate
 from tests.failover.test_faults import serving, wait_until
 
 from .conftest import Deployment
@@ -121,10 +122,7 @@ def kill_with_descendants(pid: int) -> None:
     """A run's task workers (each its own session) and Mitogen's processes outlive a killed
     ansible-playbook: kill the whole tree, found before anything in it dies."""
     with contextlib.suppress(psutil.NoSuchProcess):
-        top = psutil.Process(pid)
-        for process in [*top.children(recursive=True), top]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        terminate([p.pid for p in psutil.Process(pid).children(recursive=True)] + [pid])
 
 
 def all_scraped(deployed: Deployment) -> bool:
