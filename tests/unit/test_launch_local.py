@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from agentlink.devtools.testing import free_ports
 from agentlink.runtime.client import FailoverClient
 from agentlink.runtime.host import EXIT_DIED
 from agentlink.runtime.registry import Registry, redis_client
+from agentlink.runtime.status import fetch_health
 from agentlink.topology import load
 
 from .conftest import ROOT, Traffic, eventually
@@ -121,6 +123,20 @@ def test_an_agent_that_crashes_at_start_is_named(tmp_path: Path, home: Path,
     assert up.returncode == 1
     assert "agent Broken-1 (group b on m1) exited during start" in up.stderr
     assert "the model file is missing" in up.stderr
+
+
+def test_a_probe_that_reads_back_its_own_request_is_no_answer() -> None:
+    # what a probe of a port nobody listens on reads when the kernel connects it to itself
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def echo() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(conn.recv(4096))
+
+        thread = threading.Thread(target=echo, daemon=True)
+        thread.start()
+        assert fetch_health(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=5) is None
+        thread.join(timeout=5)
 
 
 def test_the_launcher_names_the_agent_whose_check_answers_none_not_its_group_mate(

@@ -3,6 +3,7 @@ live probe of its host's /health."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -17,7 +18,11 @@ Probe = Callable[[str], dict[str, Any] | None]
 
 
 def fetch_health(url: str, timeout: float = 0.5) -> dict[str, Any] | None:
-    """GET a /health URL; the JSON body of a 503 is an answer too. None if no answer."""
+    """GET a /health URL; the JSON body of a 503 is an answer too. None if no answer.
+
+    An answer that is not HTTP is no answer either: probing a port in the ephemeral range
+    that nothing listens on, the kernel may connect the probe to itself (TCP simultaneous
+    open), and the probe then reads back its own request."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
             return dict(json.load(response))
@@ -26,7 +31,7 @@ def fetch_health(url: str, timeout: float = 0.5) -> dict[str, Any] | None:
             return dict(json.load(err))
         except ValueError:
             return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):
         return None
 
 
