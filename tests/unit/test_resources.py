@@ -49,8 +49,10 @@ def report_when(endpoint: str, ready: Callable[[dict[str, Any]], bool]) -> dict[
 
 
 def test_resource_manager_sees_every_host_and_agent(redis_url: str) -> None:
+    # limits no machine reaches, so that a busy test machine is not under pressure
+    roomy = {"memory_limit_bytes": 1 << 60, "cpu_ratio_limit": 1.0}
     with run_group([AgentSpec("A", ECHO), AgentSpec("B", ECHO)], redis_url, group="workers"), \
-            run_group([AgentSpec("ResourceManager", RESOURCES)], redis_url,
+            run_group([AgentSpec("ResourceManager", RESOURCES, options=roomy)], redis_url,
                       group="monitoring") as monitor:
         endpoint = f"tcp://127.0.0.1:{monitor.config.port}"
         report = report_when(endpoint, lambda r: len(r["hosts"]) == 2)
