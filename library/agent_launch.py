@@ -87,14 +87,15 @@ def main() -> None:
                          "modules with the controller's venv (ansible_python_interpreter)")
     p = module.params
     try:
-        topology, backend = rollout.open_deployment(p["topology"], p["machines"], p["prefix"])
-        if p["state"] == "absent":
-            result = ({"changed": bool(rollout.plan(topology, backend)["would_start"])}
-                      if module.check_mode else rollout.remove(topology, backend))
-        elif module.check_mode:
-            result = rollout.plan(topology, backend)
-        else:
-            result = rollout.launch(topology, backend, one_by_one=p["one_by_one"])
+        with rollout.open_deployment(p["topology"], p["machines"], p["prefix"]) as (
+                topology, backend):
+            if p["state"] == "absent":
+                result = ({"changed": bool(rollout.plan(topology, backend)["would_start"])}
+                          if module.check_mode else rollout.remove(topology, backend))
+            elif module.check_mode:
+                result = rollout.plan(topology, backend)
+            else:
+                result = rollout.launch(topology, backend, one_by_one=p["one_by_one"])
     except LaunchError as err:
         module.fail_json(msg=str(err), agent=err.instance, last_health=err.last_health,
                          log_lines=err.log_lines, stopped=err.stopped)

@@ -78,17 +78,18 @@ def main() -> None:
                          "modules with the controller's venv (ansible_python_interpreter)")
     p = module.params
     try:
-        topology, backend = rollout.open_deployment(p["topology"], p["machines"], p["prefix"])
-        if p["group"] is None:
-            module.exit_json(changed=False,
-                             hosts=[h.to_dict() for h in pending(topology, backend)])
-        host = pending_host(topology, backend, p["group"])
-        if host is None or module.check_mode:
-            module.exit_json(changed=host is not None,
-                             would_upgrade=host.to_dict() if host else None)
-        upgrader = Upgrader(topology, backend, Registry(redis_client(p["registry"])),
-                            settle=p["settle"])
-        done = upgrader.upgrade(p["group"])
+        with rollout.open_deployment(p["topology"], p["machines"], p["prefix"]) as (
+                topology, backend):
+            if p["group"] is None:
+                module.exit_json(changed=False,
+                                 hosts=[h.to_dict() for h in pending(topology, backend)])
+            host = pending_host(topology, backend, p["group"])
+            if host is None or module.check_mode:
+                module.exit_json(changed=host is not None,
+                                 would_upgrade=host.to_dict() if host else None)
+            upgrader = Upgrader(topology, backend, Registry(redis_client(p["registry"])),
+                                settle=p["settle"])
+            done = upgrader.upgrade(p["group"])
     except UpgradeFailed as err:
         module.fail_json(msg=str(err), group=err.host.group, cause=err.cause,
                          rolled_back=err.restored, image_from=err.host.image_from,

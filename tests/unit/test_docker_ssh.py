@@ -19,10 +19,13 @@ import docker
 import psutil
 import pytest
 
+from agentlink.deploy import rollout
 from agentlink.deploy.docker_backend import DockerBackend, MachineSpec
 from agentlink.deploy.docker_ssh import SSHForward, SSHForwardError, forward_argv
 
-from .conftest import eventually
+from .conftest import ROOT, eventually
+
+TOPOLOGY = ROOT / "topology" / "agents.yml"
 
 
 def test_the_forward_uses_the_url_s_user_port_and_socket_and_the_machine_s_options() -> None:
@@ -130,23 +133,43 @@ def test_a_forward_the_network_dropped_is_made_again(sshd: Sshd) -> None:
 
 def test_a_refused_key_names_the_machine_and_the_command_to_try(sshd: Sshd) -> None:
     known_hosts = sshd.ssh_args.split()[-1]  # the host is known; the key is not given
+    forward = SSHForward(sshd.url, f"-o {known_hosts} -o IdentitiesOnly=yes -i /dev/null")
     with pytest.raises(SSHForwardError) as failure:
-        SSHForward(sshd.url, f"-o {known_hosts} -o IdentitiesOnly=yes -i /dev/null").open()
+        forward.open()
     message = str(failure.value)
     assert sshd.url in message and "Permission denied" in message
     assert "docker version" in message and "ansible_ssh_" in message
+    assert not Path(forward.local).parent.exists()  # its socket's directory is gone too
+
+
+def test_a_module_s_deployment_closes_its_forwards_when_the_block_ends(sshd: Sshd) -> None:
+    # Over Mitogen the module's interpreter lives on after the module: nothing may wait
+    # for its exit. exit_json ends a module with SystemExit.
+    far = {"image": "", "config_dir": "", "address": "127.0.0.1", "docker_host": sshd.url,
+           "ssh_args": sshd.ssh_args}
+    with pytest.raises(SystemExit), \
+            rollout.open_deployment(str(TOPOLOGY), {"mainpc": far, "pc2": far},
+                                    "agentlink") as (_, backend):
+        assert backend.client("mainpc").ping()
+        sockets = [f.local for f in backend._forwards.values()]
+        assert sockets and all(Path(s).exists() for s in sockets)
+        raise SystemExit(0)
+    assert not any(Path(s).parent.exists() for s in sockets)
+    assert not [c for c in psutil.Process().children() if c.name() == "ssh"]
 
 
 def test_the_forward_ends_when_the_process_that_opened_it_is_killed(sshd: Sshd) -> None:
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""\
         import os, sys, time
         from agentlink.deploy.docker_ssh import SSHForward
-        SSHForward({sshd.url!r}, {sshd.ssh_args!r}).open()
-        print(os.getpid(), flush=True)
+        forward = SSHForward({sshd.url!r}, {sshd.ssh_args!r})
+        forward.open()
+        print(os.getpid(), forward.local, flush=True)
         time.sleep(600)
         """)], stdout=subprocess.PIPE, text=True)
     assert owner.stdout is not None
-    pid = int(owner.stdout.readline())
+    pid_text, local = owner.stdout.readline().split()
+    pid = int(pid_text)
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     assert children, "ssh was not started"
     os.kill(pid, signal.SIGKILL)
@@ -155,6 +178,7 @@ def test_the_forward_ends_when_the_process_that_opened_it_is_killed(sshd: Sshd) 
     while any(running(child) for child in children):
         assert time.monotonic() < deadline, "ssh outlived the process that started it"
         time.sleep(0.1)
+    shutil.rmtree(Path(local).parent)  # a killed process cleans up nothing
 
 
 def running(pid: str) -> bool:

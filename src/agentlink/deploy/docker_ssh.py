@@ -81,9 +81,10 @@ class SSHForward:
         while not self._accepts():
             if self._process.poll() is not None:
                 said = self._stderr.read_text(errors="replace").strip().rstrip(".")
+                said = said or f"exit {self._process.returncode}"
+                self.close()
                 raise SSHForwardError(
-                    f"ssh to {self.url} for its Docker socket failed: "
-                    f"{said or 'exit ' + str(self._process.returncode)}. Check that "
+                    f"ssh to {self.url} for its Docker socket failed: {said}. Check that "
                     f"`{shlex.join(self.probe_argv())}` works from this controller: it "
                     "uses the machine's ansible_ssh_* settings from the inventory")
             if time.monotonic() > deadline:

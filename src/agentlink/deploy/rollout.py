@@ -8,8 +8,8 @@ are no longer in the topology are removed after a successful launch.
 
 from __future__ import annotations
 
-import atexit
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from docker.errors import DockerException
@@ -30,14 +30,16 @@ def machine_specs(machines: dict[str, dict[str, Any]], topology: Topology
             for name, spec in machines.items() if name in topology.machines}
 
 
+@contextmanager
 def open_deployment(topology_path: str, machines: dict[str, dict[str, Any]], prefix: str
-                    ) -> tuple[Topology, DockerBackend]:
+                    ) -> Iterator[tuple[Topology, DockerBackend]]:
     """The topology and the Docker backend of its machines, as the modules get them; the
-    backend's connections (SSH forwards included) close when the process ends."""
+    backend's connections (SSH forwards included) close when the block ends, exit_json's
+    SystemExit included. Not at the process's exit: over Mitogen a module runs in an
+    interpreter that lives for the whole run, and may end without running atexit."""
     topology = load(topology_path)
-    backend = DockerBackend(machine_specs(machines, topology), prefix=prefix)
-    atexit.register(backend.close)
-    return topology, backend
+    with DockerBackend(machine_specs(machines, topology), prefix=prefix) as backend:
+        yield topology, backend
 
 
 def module_failure(err: Exception) -> dict[str, Any] | None:
