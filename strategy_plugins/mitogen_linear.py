@@ -3,8 +3,8 @@
 Without it every task runs its module in a new interpreter, which imports Ansible's module
 utilities afresh, compiling them from the module's zip each time: about 0.5 s of CPU per
 module run, whatever the module does. Mitogen keeps one interpreter per machine for the
-whole run and runs each module there. ansible.cfg's strategy; ANSIBLE_STRATEGY=linear
-runs without it, and playbooks/upgrade.yml's rolling play does (it says why).
+whole run and runs each module there. Opt-in: ANSIBLE_STRATEGY=mitogen_linear (the
+README's knobs table says why it is not the default yet).
 """
 
 from typing import Any

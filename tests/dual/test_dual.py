@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -97,9 +98,9 @@ def test_a_machine_lost_mid_run_fails_the_run_instead_of_hanging_it(
     command = [str(Path(sys.executable).parent / "ansible-playbook"),
                str(Path(__file__).with_name("lost_mid_run.yml")), "-i", str(deployed.inventory),
                "-e", f"lost_mid_run_dir={tmp_path}"]
-    # Over Mitogen (ansible.cfg's strategy), whose keepalive inventory/dual sets to 15 s.
+    # Over Mitogen (opt-in), whose keepalive inventory/dual sets to ansible.cfg's 15 s.
     run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+                           text=True, env={**os.environ, "ANSIBLE_STRATEGY": "mitogen_linear"})
     try:
         wait_until("the run reached pc2 or ended",
                    lambda: (tmp_path / "reached").exists() or run.poll() is not None)
