@@ -46,7 +46,8 @@ def under_load(deployed: Deployment, fault: Callable[[], object], duration: floa
 
 def assert_nothing_lost(report: LoadReport) -> None:
     summary = report.summary()
-    assert report.failed == 0, (summary["failures"], summary["failure_examples"])
+    assert report.failed == 0, (summary["failures"], summary["failure_examples"],
+                                summary["failed_at"])
     assert report.unsent == 0
     assert report.lost == [], f"acknowledged writes lost: {report.lost[:5]}"
     assert report.verified == len(report.acknowledged) > 0

@@ -4,6 +4,7 @@ run, a replica stopped under load and no instance at all (`agentlink load` exits
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -189,6 +190,8 @@ def test_no_instance_fails_every_request_with_its_reason_and_exits_1(
                                   "SystemDigitalTwin: NoInstance": 3,
                                   "MemoryOrchestratorService: NoInstance": 3}
     assert report["latency_ms"]["p50"] is None and report["acknowledged"] == 0
+    assert len(report["failed_at"]) == 10
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d after 0\.\ds", at) for at in report["failed_at"])
 
     assert main([*common, "--target", "agent:Nobody"]) == 1
     out = capsys.readouterr().out

@@ -17,6 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 
@@ -31,6 +32,7 @@ Request = tuple[str, Any, str | None]  # agent, payload, key (for stateful stick
 MEMORY = "MemoryOrchestratorService"
 # A request this far past its slot was sent late; less is the scheduler's own jitter.
 LATE_AFTER = 0.005
+MAX_FAILED_AT = 20  # failures whose time a report keeps
 # Share of a request's deadline the coordinator gets for its own call, so that a slow
 # downstream comes back as the coordinator's error instead of making the client give up
 # on a healthy coordinator (its first attempt gets half of the deadline).
@@ -136,6 +138,9 @@ class LoadReport:
     late: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     failure_examples: dict[str, str] = field(default_factory=dict)  # first message each
+    # When the first failures ended (UTC) and how long each was out: to set a failed run
+    # beside the logs of what it ran through.
+    failed_at: list[str] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)  # of succeeded requests
     seconds: float = 0.0
     acknowledged: dict[str, Any] = field(default_factory=dict)  # memory key -> value
@@ -170,7 +175,7 @@ class LoadReport:
                 "succeeded": self.succeeded, "failed": self.failed, "late": self.late,
                 "seconds": round(self.seconds, 2), "rate": rate,
                 "latency_ms": self.latency(), "failures": dict(self.failures),
-                "failure_examples": self.failure_examples,
+                "failure_examples": self.failure_examples, "failed_at": self.failed_at,
                 "acknowledged": len(self.acknowledged), "verified": self.verified,
                 "lost": len(self.lost), "lost_keys": dict(list(self.lost_why.items())[:20])}
 
@@ -240,7 +245,7 @@ class LoadRun:
         try:
             self.client.call(agent, payload, key=key, timeout=self.spec.timeout)
         except Exception as err:  # every failure is counted and named, none stops the run
-            self._failed(agent, err)
+            self._failed(agent, err, time.monotonic() - began)
             return
         with self._lock:
             self.report.sent += 1
@@ -249,12 +254,15 @@ class LoadRun:
             if agent == MEMORY and key is not None:
                 self.report.acknowledged[key] = payload["value"]
 
-    def _failed(self, agent: str, err: Exception) -> None:
+    def _failed(self, agent: str, err: Exception, seconds: float) -> None:
         reason = f"{agent}: {getattr(err, 'code', '') or type(err).__name__}"
         with self._lock:
             self.report.sent += 1
             self.report.failures[reason] += 1
             self.report.failure_examples.setdefault(reason, str(err))
+            if len(self.report.failed_at) < MAX_FAILED_AT:
+                ended = datetime.now(UTC).strftime("%H:%M:%S.%f")[:10]
+                self.report.failed_at.append(f"{ended} after {seconds:.1f}s")
 
 
 def verify_state(client: Caller, report: LoadReport, timeout: float = 5.0) -> None:
