@@ -15,7 +15,7 @@ import zmq
 from agentlink.devtools.testing import AgentSpec, call_handle, host_config, run_group, wait_healthy
 from agentlink.runtime import protocol
 from agentlink.runtime.agent import Degraded, MemoryState
-from agentlink.runtime.host import AgentHost
+from agentlink.runtime.host import AgentHost, admission
 from agentlink.runtime.host.admission import INLINE_TRIAL_RUNS, PARKED_PER_PLACE
 from agentlink.runtime.host.server import INITIAL_WORKERS
 from agentlink.runtime.pool import get_pool
@@ -175,6 +175,16 @@ def test_requests_over_the_concurrency_wait_for_a_place_off_the_workers(
 
 
 WHERE_RUN = "tests.unit.agents:WhereRun"
+# A busy machine (CI's two cores) can stall even a trivial handler past the host's bound of
+# INLINE_MAX_S (2 ms), which sends it back to a trial. These tests are about what the host
+# decides, so here a run is quick under ROOMY_BOUND_S and slow when it sleeps twice that.
+ROOMY_BOUND_S = 0.25
+SLOW = {"sleep": 2 * ROOMY_BOUND_S}
+
+
+@pytest.fixture
+def roomy_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admission, "INLINE_MAX_S", ROOMY_BOUND_S)
 
 
 def thread_of(host: AgentHost, request: dict[str, Any], *, key: str | None = None) -> str:
@@ -188,6 +198,7 @@ def prove(host: AgentHost, runs: int = INLINE_TRIAL_RUNS) -> None:
     assert all(name.startswith("worker-") for name in threads), threads
 
 
+@pytest.mark.usefixtures("roomy_bound")
 def test_a_quick_self_contained_agent_is_answered_on_the_router_thread(redis_url: str) -> None:
     with run_group([AgentSpec("W", WHERE_RUN)], redis_url) as host:
         prove(host)
@@ -198,6 +209,7 @@ def test_a_quick_self_contained_agent_is_answered_on_the_router_thread(redis_url
         assert f'agentlink_requests_total{{agent="W"}} {INLINE_TRIAL_RUNS + 4}.0' in metrics
 
 
+@pytest.mark.usefixtures("roomy_bound")
 @pytest.mark.parametrize("way_out", [{"call": "Echo"}, {"state": True}])
 def test_an_agent_that_calls_out_goes_to_the_workers_for_good(
         redis_url: str, way_out: dict[str, Any]) -> None:
@@ -208,15 +220,17 @@ def test_an_agent_that_calls_out_goes_to_the_workers_for_good(
                    for _ in range(2 * INLINE_TRIAL_RUNS))
 
 
+@pytest.mark.usefixtures("roomy_bound")
 def test_each_slow_run_sends_an_agent_back_to_a_trial_twice_as_long(redis_url: str) -> None:
     with run_group([AgentSpec("W", WHERE_RUN)], redis_url) as host:
         for trial in (INLINE_TRIAL_RUNS, 2 * INLINE_TRIAL_RUNS, 4 * INLINE_TRIAL_RUNS):
             prove(host, trial)
-            assert thread_of(host, {"sleep": 0.01}) == "zmq"  # slow: back to the workers
+            assert thread_of(host, SLOW) == "zmq"  # slow: back to the workers
         prove(host, 8 * INLINE_TRIAL_RUNS)
         assert thread_of(host, {}) == "zmq"
 
 
+@pytest.mark.usefixtures("roomy_bound")
 def test_a_proven_agent_whose_place_is_taken_waits_for_it_on_a_worker(redis_url: str) -> None:
     """Concurrency 1, the place held by a keyed request on a worker: the next request waits
     for the place instead of running beside it, and each is answered once."""
