@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import ROOT
+
 SECRET = "not-for-the-log-7f3a"
 
 
