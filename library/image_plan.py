@@ -9,7 +9,8 @@ short_description: Render AgentLink Dockerfiles, stage their build contexts, com
 description:
   - Takes a list of image specs (in build order) and returns, per image, its repository,
     content tag (C(<version>-<hash>)) and build context.
-  - Stages each build context under O(context_dir)/<name>; in check mode nothing is written.
+  - Stages each build context under O(context_dir)/<name>, and writes the plan's manifest to
+    O(manifest) when given; in check mode nothing is written.
 options:
   specs:
     description: Images in build order; a spec's parent must come before it.
@@ -38,6 +39,9 @@ options:
     description: Template variables common to every image.
     type: dict
     default: {}
+  manifest:
+    description: Where to write the manifest (version, each image's ref and details), as JSON.
+    type: path
   exclude:
     description: Glob patterns of file or directory names never staged nor hashed.
     type: list
@@ -67,6 +71,7 @@ from agentlink.deploy.images import (  # noqa: E402
     plan_images,
     project_version,
     stage_context,
+    write_manifest,
 )
 
 
@@ -80,6 +85,7 @@ def main() -> None:
             "version": {"type": "str"},
             "pyproject": {"type": "path"},
             "variables": {"type": "dict", "default": {}},
+            "manifest": {"type": "path"},
             "exclude": {"type": "list", "elements": "str", "default": list(DEFAULT_EXCLUDE)},
         },
         required_one_of=[("version", "pyproject")],
@@ -102,6 +108,9 @@ def main() -> None:
             images[name] = {key: image[key]
                             for key in ("name", "repository", "tag", "ref", "digest", "parent")}
             images[name]["context"] = str(context)
+        if params["manifest"] and write_manifest(params["manifest"], version, images,
+                                                 dry_run=module.check_mode):
+            changes["manifest"] = [f"write {params['manifest']}"]
     except (PlanError, OSError, KeyError) as err:
         module.fail_json(msg=f"cannot plan images: {err}")
     module.exit_json(changed=bool(changes), images=images, version=version, staged=changes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -264,6 +265,24 @@ def test_staging_is_exact_and_idempotent(project, tmp_path):
     assert not (context / "src" / "agentlink" / "__pycache__").exists()
     assert (context / "README.md").read_bytes() == b""
     assert plan.stage_context(context, runtime["dockerfile"], runtime["files"]) == []
+
+
+def test_the_manifest_names_every_planned_image_and_is_written_only_when_it_differs(
+        project, tmp_path):
+    planned = plan.plan_images(_specs(project), templates_dir=project / "images",
+                               namespace="agentlink", version="0.1.0", variables=VARIABLES)
+    manifest = tmp_path / "build" / "images.json"
+
+    assert plan.write_manifest(manifest, "0.1.0", planned, dry_run=True)
+    assert not manifest.exists()
+    assert plan.write_manifest(manifest, "0.1.0", planned)
+    written = json.loads(manifest.read_text())
+    assert written["version"] == "0.1.0"
+    assert written["images"] == {name: image["ref"] for name, image in planned.items()}
+    assert written["details"]["runtime"]["parent"] == "base"
+    assert "dockerfile" not in written["details"]["runtime"]
+    assert not plan.write_manifest(manifest, "0.1.0", planned)
+    assert plan.write_manifest(manifest, "0.2.0", planned, dry_run=True)
 
 
 # --- the role's public interface ------------------------------------------------------------

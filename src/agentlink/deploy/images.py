@@ -210,3 +210,24 @@ def stage_context(context: str | os.PathLike[str], dockerfile: str, files: Mappi
                 if not dry_run:
                     path.unlink()
     return changes
+
+
+MANIFEST_FIELDS = ("repository", "tag", "ref", "digest", "parent")
+
+
+def write_manifest(path: str | os.PathLike[str], version: str,
+                   images: Mapping[str, Mapping[str, Any]], dry_run: bool = False) -> bool:
+    """Write the plan's manifest (version, each image's ref and details) where tests and
+    benches read it; True when it was, or in a dry run would be, written."""
+    manifest = {"version": version,
+                "images": {name: image["ref"] for name, image in images.items()},
+                "details": {name: {key: image[key] for key in MANIFEST_FIELDS}
+                            for name, image in images.items()}}
+    text = json.dumps(manifest, indent=4, sort_keys=True, ensure_ascii=False) + "\n"
+    target = Path(path)
+    if target.is_file() and target.read_text(encoding="utf-8") == text:
+        return False
+    if not dry_run:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    return True
