@@ -311,8 +311,7 @@ def down(plan: Plan, quiet: bool = False) -> None:
     what is already gone."""
     for host in plan.hosts:
         remove_host(host)
-    if run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
-        run("ip", "link", "del", BRIDGE)
+    delete_link(BRIDGE)
     while run("iptables", "-D", "FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT",
               check=False).returncode == 0:
         pass
@@ -337,11 +336,18 @@ def remove_host(host: Host) -> None:
         run("ip", "netns", "del", host.netns)
     # The namespace goes away in the background, its end of the cable with it: remove the
     # cable now, so that a new host of the same name can have one.
-    if run("ip", "link", "show", host.veth, check=False).returncode == 0:
-        run("ip", "link", "del", host.veth)
+    delete_link(host.veth)
     for controller in Path("/sys/fs/cgroup").glob(f"*/{host.cgroup}"):
         if controller.exists():  # cpu and cpuacct may be one hierarchy under two names
             remove_cgroup(controller)
+
+
+def delete_link(name: str) -> None:
+    """Delete a network link, or find it gone: a veth whose namespace was just deleted can
+    vanish between a look and a delete (CI once failed `down` on exactly that)."""
+    deleted = run("ip", "link", "del", name, check=False)
+    if deleted.returncode != 0 and run("ip", "link", "show", name, check=False).returncode == 0:
+        raise HarnessError(f"ip link del {name} failed: {deleted.stderr.strip()}")
 
 
 def mounted(path: Path) -> bool:
