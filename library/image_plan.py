@@ -67,6 +67,7 @@ from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 from agentlink.deploy.images import (  # noqa: E402
     DEFAULT_EXCLUDE,
+    MANIFEST_FIELDS,
     PlanError,
     plan_images,
     project_version,
@@ -105,8 +106,7 @@ def main() -> None:
                                     dry_run=module.check_mode)
             if changed:
                 changes[name] = changed
-            images[name] = {key: image[key]
-                            for key in ("name", "repository", "tag", "ref", "digest", "parent")}
+            images[name] = {key: image[key] for key in ("name", *MANIFEST_FIELDS)}
             images[name]["context"] = str(context)
         if params["manifest"] and write_manifest(params["manifest"], version, images,
                                                  dry_run=module.check_mode):

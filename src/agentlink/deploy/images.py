@@ -23,6 +23,8 @@ from typing import Any
 
 DIGEST_LENGTH = 12
 DEFAULT_EXCLUDE = ("__pycache__", "*.pyc", "*.egg-info", ".*")
+# What build/images.json tells of each image (the module returns these and its name).
+MANIFEST_FIELDS = ("repository", "tag", "ref", "digest", "parent")
 _VERSION_RE = re.compile(r'^\s*version\s*=\s*"([^"]+)"', re.MULTILINE)
 _DIGEST_RE = re.compile(rf"^[0-9a-f]{{{DIGEST_LENGTH}}}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -181,6 +183,17 @@ def plan_images(specs: Iterable[Mapping[str, Any]], *, templates_dir: str | os.P
     return planned
 
 
+def _write_if_changed(path: Path, data: bytes, dry_run: bool) -> bool:
+    """Make path hold data (its directories too) unless it already does; True when it was,
+    or in a dry run would be, written."""
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    if not dry_run:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return True
+
+
 def stage_context(context: str | os.PathLike[str], dockerfile: str, files: Mapping[str, bytes],
                   dry_run: bool = False) -> list[str]:
     """Make ``context`` hold exactly the Dockerfile and files; return what changed."""
@@ -190,13 +203,8 @@ def stage_context(context: str | os.PathLike[str], dockerfile: str, files: Mappi
         wanted["Dockerfile"] = dockerfile.encode("utf-8")
     changes: list[str] = []
     for rel, data in sorted(wanted.items()):
-        path = root / rel
-        if path.is_file() and path.read_bytes() == data:
-            continue
-        changes.append(f"write {rel}")
-        if not dry_run:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+        if _write_if_changed(root / rel, data, dry_run):
+            changes.append(f"write {rel}")
     if root.is_dir():
         for path in sorted(root.rglob("*"), reverse=True):
             rel = path.relative_to(root).as_posix()
@@ -212,8 +220,6 @@ def stage_context(context: str | os.PathLike[str], dockerfile: str, files: Mappi
     return changes
 
 
-MANIFEST_FIELDS = ("repository", "tag", "ref", "digest", "parent")
-
 
 def write_manifest(path: str | os.PathLike[str], version: str,
                    images: Mapping[str, Mapping[str, Any]], dry_run: bool = False) -> bool:
@@ -224,10 +230,5 @@ def write_manifest(path: str | os.PathLike[str], version: str,
                 "details": {name: {key: image[key] for key in MANIFEST_FIELDS}
                             for name, image in images.items()}}
     text = json.dumps(manifest, indent=4, sort_keys=True, ensure_ascii=False) + "\n"
-    target = Path(path)
-    if target.is_file() and target.read_text(encoding="utf-8") == text:
-        return False
-    if not dry_run:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
-    return True
+    return _write_if_changed(Path(path), text.encode("utf-8"), dry_run)
+
