@@ -12,6 +12,7 @@ import pytest
 from agentlink.devtools.testing import AgentSpec, run_group
 from agentlink.runtime import protocol
 from agentlink.runtime.pool import get_pool
+from agentlink.runtime.registry import RESOURCE_GROUPS, Registry
 from agentlink.runtime.resources import cgroup_memory_limit
 
 from .conftest import eventually
@@ -78,3 +79,16 @@ def test_pressure_follows_the_configured_limits(redis_url: str) -> None:
         endpoint = f"tcp://127.0.0.1:{host.config.port}"
         report = report_when(endpoint, lambda r: bool(r["machines"]))
         assert report["machines"]["local"]["under_pressure"] is True
+
+
+def test_resource_samples_are_read_without_walking_the_keyspace(registry: Registry) -> None:
+    client = registry.client
+    client.mset({f"agentlink:workflow:{n}": "{}" for n in range(2000)})  # unrelated keys
+    registry.publish_resources("workers", {"group": "workers"})
+    Registry(client, ttl=0.05).publish_resources("gone", {"group": "gone"})
+    eventually(lambda: client.get("agentlink:resources:gone") is None, what="a sample expired")
+    scans_before = client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
+
+    assert registry.resources() == [{"group": "workers"}]
+    assert client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0) == scans_before
+    assert client.smembers(RESOURCE_GROUPS) == {b"workers"}  # the expired host is forgotten

@@ -22,6 +22,7 @@ from redis.sentinel import Sentinel
 from agentlink.security import read_secret
 
 PREFIX = "agentlink"
+RESOURCE_GROUPS = f"{PREFIX}:resources"  # the hosts that publish resource samples
 SERVING = frozenset({"healthy", "degraded"})
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.sentinel.MasterNotFoundError)
 
@@ -190,12 +191,26 @@ class Registry:
     def publish_resources(self, group: str, sample: dict[str, Any]) -> None:
         """A host's resource sample, expiring like its records; best effort."""
         try:
-            self.client.set(f"{PREFIX}:resources:{group}", json.dumps(sample),
-                            px=int(self.ttl * 1000))
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self._resources_key(group), json.dumps(sample), px=int(self.ttl * 1000))
+            pipe.sadd(RESOURCE_GROUPS, group)
+            pipe.execute()
         except REDIS_ERRORS as err:
             self._failed(err)
 
     def resources(self) -> list[dict[str, Any]]:
-        """Every live host's latest resource sample; raises when Redis is down."""
-        keys = sorted(self.client.scan_iter(f"{PREFIX}:resources:*", count=100))
-        return [json.loads(v) for v in self.client.mget(keys) if v is not None] if keys else []
+        """Every live host's latest resource sample; raises when Redis is down. The hosts
+        that published are a set, read with one MGET: a SCAN for the keys would walk the
+        whole keyspace, workflow records and idempotency replies included."""
+        groups = sorted(as_text(m) for m in self.client.smembers(RESOURCE_GROUPS))
+        if not groups:
+            return []
+        values = self.client.mget([self._resources_key(g) for g in groups])
+        stale = [g for g, v in zip(groups, values, strict=True) if v is None]
+        if stale:  # hosts gone from the topology; a live one adds itself back
+            self.client.srem(RESOURCE_GROUPS, *stale)
+        return [json.loads(v) for v in values if v is not None]
+
+    @staticmethod
+    def _resources_key(group: str) -> str:
+        return f"{PREFIX}:resources:{group}"
