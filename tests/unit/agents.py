@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any, ClassVar
@@ -47,6 +48,15 @@ class Gate(BaseAgent):
     def handle(self, request: Any) -> Any:
         self._open.wait(10)
         return {"by": self.instance}
+
+
+class StoredSteps(BaseAgent):
+    """The state of each step of a workflow as its record in Redis has it at this moment."""
+
+    def handle(self, request: Any) -> Any:
+        assert self.context.registry is not None
+        text = self.context.registry.client.get(f"agentlink:workflow:{request['workflow']}")
+        return {sid: step["state"] for sid, step in json.loads(text)["steps"].items()}
 
 
 class Failing(BaseAgent):

@@ -31,7 +31,7 @@ CORE = "agentlink.runtime.reference.core"
 TEST = "tests.unit.agents"
 WORKERS = [AgentSpec("Rendezvous", f"{TEST}:Rendezvous"), AgentSpec("Flaky", f"{TEST}:Flaky"),
            AgentSpec("Failing", f"{TEST}:Failing"), AgentSpec("Slow", f"{TEST}:Slow"),
-           AgentSpec("Echo", f"{TEST}:Echo"),
+           AgentSpec("Echo", f"{TEST}:Echo"), AgentSpec("StoredSteps", f"{TEST}:StoredSteps"),
            AgentSpec("MemoryOrchestratorService", f"{CORE}:MemoryOrchestratorService")]
 
 
@@ -89,6 +89,32 @@ def test_sequential_steps_run_in_order_with_earlier_results(system: FailoverClie
     ])
     assert record["state"] == "succeeded", record
     assert record["steps"]["read"]["result"]["value"] == ["first", "after 1", "after 2"]
+
+
+def test_a_step_starts_on_stored_results_and_a_result_nothing_waits_on_rides_along(
+        redis_url: str) -> None:
+    Slow.finished.clear()
+    steps = [{"id": "fast", "agent": "Echo", "payload": {}},
+             {"id": "slow", "agent": "Slow", "payload": {"sleep": 2}},
+             {"id": "check", "agent": "StoredSteps", "depends_on": ["fast", "slow"],
+              "payload": {"workflow": "{{ workflow.id }}"}}]
+    stored = redis.Redis.from_url(redis_url)
+    with run_group(WORKERS, redis_url, group="workers"), \
+            run_group([AgentSpec("RequestCoordinator", f"{CORE}:RequestCoordinator")],
+                      redis_url, group="coordinator-1") as coordinator:
+        client = FailoverClient(Registry(redis_client({"url": redis_url})))
+        workflow_id = client.call("RequestCoordinator", {"op": "workflow.run",
+                                                         "workflow": {"steps": steps}})["id"]
+        running = engine_of(coordinator)._runs[workflow_id].record["steps"]
+        eventually(lambda: running["fast"]["state"] == "succeeded", what="the fast step's end")
+        record = json.loads(stored.get(f"agentlink:workflow:{workflow_id}") or "{}")
+        assert not Slow.finished
+        # Nothing waits on the fast step's result while the slow one runs: not written yet.
+        assert record["steps"]["fast"]["state"] != "succeeded"
+        final = wait_end(client, workflow_id)
+    # The step that depends on both ran only once both results were stored.
+    seen = final["steps"]["check"]["result"]
+    assert (seen["fast"], seen["slow"]) == ("succeeded", "succeeded")
 
 
 def test_a_failing_step_is_retried_until_it_succeeds(system: FailoverClient) -> None:

@@ -1,13 +1,15 @@
 """The workflow engine: runs workflows on one RequestCoordinator replica, state in Redis.
 
 Every workflow is one JSON record in Redis, written with an acknowledged write (see
-agentlink.runtime.durable) when it is created, when each step ends and when it ends, so what
-a caller was told is never lost; its final state also goes on a list that callers block on
+agentlink.runtime.durable) when it is created, before a step starts on earlier results and
+when it ends, so what a caller was told, and what a step was given, is never lost; a result
+nothing waits on yet goes with the next write. Its final state also goes on a list that
+callers block on
 (wait_ended) instead of polling the record. Each replica owns the workflows it runs: their
 ids are in its set `owned:<replica>`, and its key `alive:<replica>` lives while its keeper
 renews it. When a replica dies or is cut off, its key expires; another replica moves the
 dead one's set into its own in one atomic step and resumes each workflow from its record:
-completed steps keep their results, the others run again. A step with an idempotency key is
+steps whose results were written keep them, the others run again. A step with an idempotency key is
 answered by the agent host from its first run if that run completed
 (agentlink.runtime.idempotency), so it never runs twice. Writes are guarded: a replica
 writes a record only while the workflow is in its set.
@@ -399,7 +401,11 @@ class WorkflowEngine:
             state["error" if error else "result"] = error if error else result
             self.stats.count(f"steps_{state['state']}")
             done = self._conclude(run, sid, error)
-            if not self._write(run, done):
+            # Written when the workflow ends or a step can start on this result. A result
+            # nothing waits on yet rides with the next write: lost to a takeover, its step
+            # runs again, like any step whose end was not written.
+            unblocks = not done and bool(run.workflow.ready(run.succeeded(), run.started))
+            if (done or unblocks) and not self._write(run, done):
                 self._forget(run.id, "record not written")
                 return
         if done:
