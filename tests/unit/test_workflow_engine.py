@@ -250,9 +250,11 @@ def test_a_workflow_survives_its_coordinator_killed_with_no_step_run_twice(
             client = FailoverClient(Registry(redis_client({"url": redis_url})))
             final = wait_end(client, workflow_id)
             resumed = engine_of(survivor).stats.snapshot()[0]["resumed"]
+            owners = state.smembers("agentlink:workflows:owners")
     assert final["state"] == "succeeded", final
     assert final["owner"] == "RequestCoordinator-2"
     assert resumed == 1
+    assert owners == {b"RequestCoordinator-2"}  # the dead replica is no longer looked at
     assert len(Slow.finished) == 1  # the slow step ran once, across the takeover
     stored = json.loads(state.hget("agentlink:state:MemoryOrchestratorService", workflow_id))
     assert stored == ["before", "after"]

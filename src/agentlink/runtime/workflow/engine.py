@@ -64,6 +64,8 @@ end
 return 1
 """
 # Move a dead replica's workflows to the caller, only if it is still dead: returns them.
+# The dead one leaves the owners, so that replicas gone for good are not looked at every
+# beat forever; one that comes back adds itself again with its next beat.
 _ADOPT = """
 if redis.call('exists', KEYS[1]) == 1 then return {} end
 local ids = redis.call('smembers', KEYS[2])
@@ -71,6 +73,7 @@ if #ids > 0 then
   redis.call('sunionstore', KEYS[3], KEYS[3], KEYS[2])
   redis.call('del', KEYS[2])
 end
+redis.call('srem', KEYS[4], ARGV[1])
 return ids
 """
 
@@ -279,7 +282,8 @@ class WorkflowEngine:
         for other in owners:
             if other == self.owner:
                 continue
-            ids = self._adopt(keys=[alive_key(other), owned_key(other), owned_key(self.owner)])
+            ids = self._adopt(keys=[alive_key(other), owned_key(other), owned_key(self.owner),
+                                    OWNERS], args=[other])
             if ids:
                 log.info("adopting %d workflow(s) of %s", len(ids), other)
                 self._resume([as_text(i) for i in ids])
