@@ -6,7 +6,10 @@
 2. Throughput of that 5-step workflow with WINDOW workflows in flight, beside a baseline
    measured in the same run: the same five calls made by the caller itself, in the same
    order and with the same parallelism, payloads and idempotency key, with no engine and
-   no state kept. The tracker waits for each workflow's end in Redis (wait_ended).
+   no state kept. The tracker waits for each workflow's end in Redis (wait_ended). For
+   both: the CPU time per workflow of every lab container and of this process, and for the
+   engine how much of the run the coordinators throttled agents (ResourceManager reporting
+   the machines over their CPU limit: on the lab, this bench's own load counts too).
 3. Completion of 10,000 workflows while the pc2 coordinator replica's host is killed (at
    20% submitted) and pc2 is cut off the LAN for CUT_S seconds (at 50%).
 
@@ -18,19 +21,23 @@ section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import docker
+import psutil
 import yaml
 from docs_section import write_section
 from ha import lab_sentinels
@@ -50,6 +57,7 @@ CUT_S = 15.0
 ENDED = ("succeeded", "failed")
 # How long one wait for a workflow's end blocks in Redis: below the client's socket timeout.
 WAIT_S = 0.4
+THROTTLED = re.compile(r"^agentlink_workflow_agents_throttled (\S+)$", re.MULTILINE)
 
 
 class Tracker:
@@ -114,6 +122,58 @@ class Tracker:
                 "per_second": round(count / seconds, 1), "acknowledged": self.acknowledged,
                 "refused_and_resent": self.refused, **tally,
                 "completion_percent": round(100 * tally["succeeded"] / max(count, 1), 3)}
+
+
+def cpu_seconds(engine: docker.DockerClient) -> dict[str, float]:
+    """CPU time so far of each lab container's processes, and of this one."""
+    used = {"bench": sum(os.times()[:2])}
+    for container in engine.containers.list(filters={"name": "agentlink-"}):
+        try:
+            top = psutil.Process(container.attrs["State"]["Pid"])
+            used[container.name] = sum(sum(p.cpu_times()[:2])
+                                       for p in [top, *top.children(recursive=True)])
+        except psutil.Error:  # gone meanwhile: left out of the sum
+            continue
+    return used
+
+
+class Measured:
+    """CPU per workflow over a run (all lab processes and this one), and the share of the
+    run during which a coordinator had agents throttled (sampled from its metrics)."""
+
+    def __init__(self, client: FailoverClient, count: int) -> None:
+        self.engine = docker.from_env()
+        self.count = count
+        self.metrics = [f"{rec.http}/metrics"
+                        for rec in client.registry.records(COORDINATOR)]
+        self.samples: list[bool] = []
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> Measured:
+        self.before = cpu_seconds(self.engine)
+        self._watch.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._watch.join()
+        after = cpu_seconds(self.engine)
+        self.cpu_ms = round(sum(after[k] - self.before[k] for k in after if k in self.before)
+                            * 1000 / self.count, 2)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            throttled = 0.0
+            for url in self.metrics:
+                with contextlib.suppress(OSError):
+                    text = urllib.request.urlopen(url, timeout=2).read().decode()
+                    throttled += sum(float(v) for v in THROTTLED.findall(text))
+            self.samples.append(throttled > 0)
+
+    def figures(self) -> dict[str, float]:
+        share = sum(self.samples) / len(self.samples) if self.samples else 0.0
+        return {"cpu_ms_per_workflow": self.cpu_ms, "throttled_share": round(share, 2)}
 
 
 def init_times(client: FailoverClient, document: dict[str, Any], count: int
@@ -225,8 +285,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"({engine['workflows']} in {engine['seconds']} s) |",
         f"| baseline: the caller makes the same calls itself | | | {hand['per_second']}/s "
         f"(engine at {result['engine_vs_baseline']}x of it) |",
+        f"| CPU per workflow, every lab process and the bench: engine / by hand | | | "
+        f"{engine['cpu_ms_per_workflow']} / {hand['cpu_ms_per_workflow']} ms "
+        f"({round(hand['cpu_ms_per_workflow'] / engine['cpu_ms_per_workflow'], 2)}x) |",
         f"| completion of {faults['workflows']:,} workflows, coordinator killed and pc2 cut "
         f"off | 99.9% | 100% | {faults['completion_percent']}% |",
+        "",
+        f"During the engine's run the coordinators throttled agents for "
+        f"{engine['throttled_share']:.0%} of it: ResourceManager reported the machines over "
+        "their CPU limit (60%; on the lab both are this machine, the bench's own load "
+        "included), so those agents' steps ran one at a time.",
         "",
         f"Under faults: {faults['succeeded']} succeeded, {faults['failed']} failed, "
         f"{faults['stuck']} stuck, in {faults['seconds']} s; {faults['refused_and_resent']} "
@@ -252,9 +320,13 @@ def main() -> int:
     print("time to initialize: 200 workflows, one after another", flush=True)
     init = init_times(client, document, 200)
     print(f"  {init}\nthroughput: {args.throughput_count} workflows", flush=True)
-    throughput = Tracker(client, document).run(args.throughput_count)
+    with Measured(client, args.throughput_count) as measured:
+        throughput = Tracker(client, document).run(args.throughput_count)
+    throughput |= measured.figures()
     print(f"  {throughput}\nbaseline: the same calls by hand", flush=True)
-    baseline = by_hand(client, document, args.throughput_count)
+    with Measured(client, args.throughput_count) as measured:
+        baseline = by_hand(client, document, args.throughput_count)
+    baseline["cpu_ms_per_workflow"] = measured.figures()["cpu_ms_per_workflow"]
     print(f"  {baseline}\ncompletion: {args.count} workflows under faults", flush=True)
     tracker = Tracker(client, document)
     with Faults(tracker, args.count) as faults:
