@@ -49,10 +49,14 @@ def test_a_write_is_on_the_replica_when_acknowledged(
         primary_and_replica: tuple[redis.Redis, redis.Redis, int]) -> None:
     primary, replica, _ = primary_and_replica
     state = RedisState(primary, "Memory")
+    state.put("first", 0)  # a replica seen: from now on each write waits for it
+    infos = primary.info("commandstats")["cmdstat_info"]["calls"]
     for n in range(20):
         state.put(f"k{n}", n)
         # No polling: WAIT returned only after the replica had it.
         assert replica.hget("agentlink:state:Memory", f"k{n}") == str(n).encode()
+    # A WAIT the replica answered is the acknowledgement: no INFO asked beside it.
+    assert primary.info("commandstats")["cmdstat_info"]["calls"] == infos + 1  # this one
 
 
 def test_a_write_no_replica_confirms_is_not_acknowledged(

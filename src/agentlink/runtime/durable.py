@@ -85,8 +85,8 @@ class _Pending:
 
 
 class _GroupCommit:
-    """Writes of concurrent callers on one pipeline, acknowledged together: one WAIT and one
-    INFO for the batch instead of for each write, and what is acknowledged is the same (WAIT
+    """Writes of concurrent callers on one pipeline, acknowledged together: one WAIT for the
+    batch instead of one for each write, and what is acknowledged is the same (WAIT
     counts every write of its connection before it). The first caller to find no batch in
     flight sends one; whoever queues meanwhile waits, and the first of them sends the next
     batch, theirs, as soon as this one is answered: nobody sends for others for long."""
@@ -196,29 +196,33 @@ class Durable:
     def _replicated(self, writes: Writes, wait: bool | None = None) -> list[Any]:
         """Write, and when a replica is connected, wait for it to confirm. WAIT blocks for
         its whole timeout when no replica is there, so it is only sent when one was seen;
-        a replica seen for the first time gets the (idempotent) writes again, with WAIT."""
+        a replica seen for the first time gets the (idempotent) writes again, with WAIT.
+        A WAIT that a replica answered needs nothing more; INFO, which says whether one is
+        connected, is asked when none was seen or none confirmed."""
         wait = self._replica_seen if wait is None else wait
         pipe = self.client.pipeline(transaction=False)
         writes(pipe)
         if wait:
             pipe.wait(1, self.replica_wait_ms)
-        pipe.info("replication")
+        else:
+            pipe.info("replication")
         results = pipe.execute()
-        self._replica_seen = results[-1].get("connected_slaves", 0) > 0
-        own = results[:-2] if wait else results[:-1]
+        own, answer = results[:-1], results[-1]
+        if wait and answer >= 1:
+            return own
+        replication = self.client.info("replication") if wait else answer
+        self._replica_seen = replication.get("connected_slaves", 0) > 0
         if not self._replica_seen:
             self._check_quorum()
             return own
         if not wait:
             return self._replicated(writes, wait=True)
-        if results[-2] < 1:
-            # A replica that stopped confirming may be behind a partition: if this primary
-            # has no Sentinel majority either, say so now instead of when it drops the
-            # replica (repl-timeout, seconds later).
-            self._check_quorum()
-            raise StateNotReplicated(
-                f"no replica confirmed the write within {self.replica_wait_ms} ms")
-        return own
+        # A replica that stopped confirming may be behind a partition: if this primary has
+        # no Sentinel majority either, say so now instead of when it drops the replica
+        # (repl-timeout, seconds later).
+        self._check_quorum()
+        raise StateNotReplicated(
+            f"no replica confirmed the write within {self.replica_wait_ms} ms")
 
     def _check_quorum(self) -> None:
         """Return when a majority of the Sentinels name the primary this client writes to,
