@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
 from agentlink.devtools.redis_server import RedisServer
 from agentlink.devtools.testing import free_ports
@@ -23,8 +24,9 @@ from agentlink.runtime.durable import (
 )
 from agentlink.runtime.host.state import RedisState
 from agentlink.runtime.registry import redis_client
+from agentlink.runtime.workflow.engine import _SAVE
 
-from .conftest import eventually
+from .conftest import ROOT, eventually
 
 
 @pytest.fixture
@@ -82,6 +84,42 @@ def test_a_lone_primary_still_acknowledges(tmp_path: Path) -> None:
         state = RedisState(client, "Memory")
         state.put("k", {"v": 1})
         assert state.get("k") == {"v": 1}
+    finally:
+        server.stop()
+
+
+def deployed_acl(password: str) -> list[str]:
+    """The redis role's ACL lines for the default user and the agents' user."""
+    role = ROOT / "roles" / "redis"
+    config = (role / "templates" / "redis.conf.j2").read_text().splitlines()
+    users = yaml.safe_load((role / "vars" / "main.yml").read_text())["_redis_users"]
+    agents = next(user["rules"] for user in users if user["name"] == "agents")
+    return [*(line for line in config if line.startswith("user default ")),
+            f"user agents on >{password} {agents}"]
+
+
+def test_a_script_s_writes_survive_a_restart_under_the_deployed_acl(tmp_path: Path) -> None:
+    """A script's writes go to the append-only file as one MULTI/EXEC. Redis 7.0 replays it
+    as the default user and checks that user's permissions again at EXEC: with the
+    default user disabled and allowed nothing, every such write was dropped at restart."""
+    server = RedisServer(tmp_path / "acl", config=deployed_acl("agents-secret"))
+    server.start()
+    try:
+        client = redis.Redis(port=server.port, username="agents", password="agents-secret",
+                             socket_timeout=0.5)
+        record, owned, ended = "agentlink:workflow:w1", "agentlink:workflows:owned:c1", \
+            "agentlink:workflow:w1:ended"
+        client.sadd(owned, "w1")
+        # The engine's last write of a workflow: the record, out of the owner's set, ended.
+        assert client.eval(_SAVE, 3, record, owned, ended, '{"state": "succeeded"}', "w1",
+                           "succeeded", 60_000) == 1
+        server.restart()
+        assert client.get(record) == b'{"state": "succeeded"}'
+        assert client.lrange(ended, 0, -1) == [b"succeeded"]
+        assert client.smembers(owned) == set()
+        for anyone in ({}, {"username": "default", "password": "guess"}):
+            with pytest.raises(redis.AuthenticationError):  # still no way in without a user
+                redis.Redis(port=server.port, **anyone).get(record)  # type: ignore[arg-type]
     finally:
         server.stop()
 

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -22,9 +23,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None,
+                 config: Sequence[str] = ()) -> None:
+        """`config`: more redis.conf lines (ACL users, for one)."""
         self.directory = directory
         self.port = port or free_port()
+        self.config = list(config)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -37,10 +41,13 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed: apt-get install redis-server "
                                "(make test and make deploy install it)")
         self.directory.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "redis.conf"
+        config.write_text("".join(f"{line}\n" for line in self.config))
         log = (self.directory / "redis.log").open("ab")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            [binary, str(config), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", ""],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         log.close()
@@ -49,6 +56,8 @@ class RedisServer:
         while time.monotonic() < deadline:
             try:
                 client.ping()
+                return
+            except redis.AuthenticationError:  # it answers, to those who may ask
                 return
             except redis.ConnectionError:
                 if self.process.poll() is not None:
