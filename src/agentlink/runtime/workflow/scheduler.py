@@ -133,8 +133,9 @@ class Scheduler:
         finally:
             with self._lock:
                 self._running[task.agent] -= 1
-                self._lock.notify_all()
-                if not self._stopped:
+                if self._stopped:
+                    self._lock.notify_all()  # stop() waits for the running steps
+                else:
                     self._pump()
 
     def _wake_timers(self) -> None:
