@@ -112,6 +112,8 @@ def test_a_step_starts_on_stored_results_and_a_result_nothing_waits_on_rides_alo
         # Nothing waits on the fast step's result while the slow one runs: not written yet.
         assert record["steps"]["fast"]["state"] != "succeeded"
         final = wait_end(client, workflow_id)
+        kept = json.loads(stored.get(f"agentlink:workflow:{workflow_id}") or "{}")
+    assert kept["state"] == "succeeded" and "document" not in kept  # only a resume needs it
     # The step that depends on both ran only once both results were stored.
     seen = final["steps"]["check"]["result"]
     assert (seen["fast"], seen["slow"]) == ("succeeded", "succeeded")

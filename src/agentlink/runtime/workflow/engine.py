@@ -436,8 +436,12 @@ class WorkflowEngine:
         return True
 
     def _write(self, run: _Run, done: bool) -> bool:
-        """The record, acknowledged; False when another replica owns the workflow now."""
-        args = [json.dumps(run.record), run.id, run.record["state"] if done else "",
+        """The record, acknowledged; False when another replica owns the workflow now. A
+        finished workflow's record is kept for the retention time without its definition,
+        which only a resume needs: that halves what Redis holds for it."""
+        record = {k: v for k, v in run.record.items() if k != "document"} if done \
+            else run.record
+        args = [json.dumps(record), run.id, run.record["state"] if done else "",
                 self.retention_ms]
         keys = [record_key(run.id), owned_key(self.owner), ended_key(run.id)]
         try:
