@@ -90,6 +90,15 @@ def test_redis_replicates_and_three_sentinels_agree_on_the_primary(deployed: Dep
     assert info["role"] == "slave" and info["master_host"] == primary
 
 
+def test_each_redis_refuses_writes_before_its_container_runs_out_of_memory(
+        deployed: Deployment) -> None:
+    for machine, address in deployed.addresses.items():
+        limit = deployed.container(f"agentlink-{machine}-redis").attrs["HostConfig"]["Memory"]
+        memory = deployed.redis(address).info("memory")
+        assert memory["maxmemory_policy"] == "noeviction"
+        assert 0 < memory["maxmemory"] < limit  # the rest: a fork's pages, replica buffers
+
+
 def test_a_request_crosses_machines_through_the_coordinator(deployed: Deployment) -> None:
     client = FailoverClient(deployed.registry(), stateful={"MemoryOrchestratorService"})
     reply = client.call("RequestCoordinator", {"agent": "SystemHealthManager", "payload": {}})
