@@ -4,15 +4,14 @@ Every workflow is one JSON record in Redis, written with an acknowledged write (
 agentlink.runtime.durable) when it is created, before a step starts on earlier results and
 when it ends, so what a caller was told, and what a step was given, is never lost; a result
 nothing waits on yet goes with the next write. Its final state also goes on a list that
-callers block on
-(wait_ended) instead of polling the record. Each replica owns the workflows it runs: their
-ids are in its set `owned:<replica>`, and its key `alive:<replica>` lives while its keeper
-renews it. When a replica dies or is cut off, its key expires; another replica moves the
-dead one's set into its own in one atomic step and resumes each workflow from its record:
-steps whose results were written keep them, the others run again. A step with an idempotency key is
-answered by the agent host from its first run if that run completed
-(agentlink.runtime.idempotency), so it never runs twice. Writes are guarded: a replica
-writes a record only while the workflow is in its set.
+callers block on (wait_ended) instead of polling the record. Each replica owns the
+workflows it runs: their ids are in its set `owned:<replica>`, and its key
+`alive:<replica>` lives while its keeper renews it. When a replica dies or is cut off, its
+key expires; another replica moves the dead one's set into its own in one atomic step and
+resumes each workflow from its record: steps whose results were written keep them, the
+others run again. A step with an idempotency key is answered by the agent host from its
+first run if that run completed (agentlink.runtime.idempotency), so it never runs twice.
+Writes are guarded: a replica writes a record only while the workflow is in its set.
 """
 
 from __future__ import annotations
