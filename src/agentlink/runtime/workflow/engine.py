@@ -35,7 +35,7 @@ from agentlink.runtime import protocol
 from agentlink.runtime.agent import Caller
 from agentlink.runtime.durable import DURABLE_ERRORS, Durable
 from agentlink.runtime.registry import as_text
-from agentlink.runtime.workflow.definition import Workflow, parse
+from agentlink.runtime.workflow.definition import Step, Workflow, parse
 from agentlink.runtime.workflow.scheduler import Scheduler, Task
 from agentlink.topology import DEFAULT_CONCURRENCY
 
@@ -342,15 +342,21 @@ class WorkflowEngine:
         run.started.update(run.succeeded())
         with self._runs_lock:
             self._runs[run.id] = run
-        self._dispatch(run)
-
-    def _dispatch(self, run: _Run) -> None:
         with run.lock:
-            ready = run.workflow.ready(run.succeeded(), run.started)
-            run.started.update(s.id for s in ready)
-            for step in ready:
-                run.record["steps"][step.id]["state"] = RUNNING
+            ready = self._take_ready(run)
+        self._submit(run, ready)
+
+    @staticmethod
+    def _take_ready(run: _Run) -> list[Step]:
+        """The steps that can start now, marked running; the caller holds run.lock."""
+        ready = run.workflow.ready(run.succeeded(), run.started)
+        run.started.update(s.id for s in ready)
         for step in ready:
+            run.record["steps"][step.id]["state"] = RUNNING
+        return ready
+
+    def _submit(self, run: _Run, steps: list[Step]) -> None:
+        for step in steps:
             self.scheduler.submit(Task(run.id, step.id, step.agent))
 
     def _run_step(self, task: Task) -> None:
@@ -407,8 +413,8 @@ class WorkflowEngine:
             # Written when the workflow ends or a step can start on this result. A result
             # nothing waits on yet rides with the next write: lost to a takeover, its step
             # runs again, like any step whose end was not written.
-            unblocks = not done and bool(run.workflow.ready(run.succeeded(), run.started))
-            if (done or unblocks) and not self._write(run, done):
+            ready = [] if done else self._take_ready(run)
+            if (done or ready) and not self._write(run, done):
                 self._forget(run.id, "record not written")
                 return
         if done:
@@ -417,7 +423,7 @@ class WorkflowEngine:
             self.stats.count(f"finished_{run.record['state']}",
                              run.record["finished"] - run.record["created"])
         else:
-            self._dispatch(run)
+            self._submit(run, ready)
 
     @staticmethod
     def _conclude(run: _Run, sid: str, error: str | None) -> bool:
