@@ -8,6 +8,7 @@ import time
 from typing import Any, ClassVar
 
 from agentlink.runtime.agent import BaseAgent, Degraded
+from agentlink.runtime.workflow.engine import record_key
 
 
 class Echo(BaseAgent):
@@ -55,7 +56,7 @@ class StoredSteps(BaseAgent):
 
     def handle(self, request: Any) -> Any:
         assert self.context.registry is not None
-        text = self.context.registry.client.get(f"agentlink:workflow:{request['workflow']}")
+        text = self.context.registry.client.get(record_key(request["workflow"]))
         return {sid: step["state"] for sid, step in json.loads(text)["steps"].items()}
 
 

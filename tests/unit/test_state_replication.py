@@ -24,7 +24,7 @@ from agentlink.runtime.durable import (
 )
 from agentlink.runtime.host.state import RedisState
 from agentlink.runtime.registry import redis_client
-from agentlink.runtime.workflow.engine import _SAVE
+from agentlink.runtime.workflow.engine import _SAVE, ended_key, owned_key, record_key
 
 from .conftest import ROOT, eventually
 
@@ -107,8 +107,7 @@ def test_a_script_s_writes_survive_a_restart_under_the_deployed_acl(tmp_path: Pa
     try:
         client = redis.Redis(port=server.port, username="agents", password="agents-secret",
                              socket_timeout=0.5)
-        record, owned, ended = "agentlink:workflow:w1", "agentlink:workflows:owned:c1", \
-            "agentlink:workflow:w1:ended"
+        record, owned, ended = record_key("w1"), owned_key("c1"), ended_key("w1")
         client.sadd(owned, "w1")
         # The engine's last write of a workflow: the record, out of the owner's set, ended.
         assert client.eval(_SAVE, 3, record, owned, ended, '{"state": "succeeded"}', "w1",

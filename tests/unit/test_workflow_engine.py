@@ -23,7 +23,7 @@ from agentlink.runtime.client import FailoverClient
 from agentlink.runtime.host import AgentHost
 from agentlink.runtime.pool import get_pool
 from agentlink.runtime.registry import Registry, redis_client
-from agentlink.runtime.workflow.engine import ended_key, wait_ended
+from agentlink.runtime.workflow.engine import OWNERS, ended_key, record_key, wait_ended
 from tests.unit.agents import Flaky, Slow
 from tests.unit.conftest import ROOT, eventually
 
@@ -107,12 +107,12 @@ def test_a_step_starts_on_stored_results_and_a_result_nothing_waits_on_rides_alo
                                                          "workflow": {"steps": steps}})["id"]
         running = engine_of(coordinator)._runs[workflow_id].record["steps"]
         eventually(lambda: running["fast"]["state"] == "succeeded", what="the fast step's end")
-        record = json.loads(stored.get(f"agentlink:workflow:{workflow_id}") or "{}")
+        record = json.loads(stored.get(record_key(workflow_id)) or "{}")
         assert not Slow.finished
         # Nothing waits on the fast step's result while the slow one runs: not written yet.
         assert record["steps"]["fast"]["state"] != "succeeded"
         final = wait_end(client, workflow_id)
-        kept = json.loads(stored.get(f"agentlink:workflow:{workflow_id}") or "{}")
+        kept = json.loads(stored.get(record_key(workflow_id)) or "{}")
     assert kept["state"] == "succeeded" and "document" not in kept  # only a resume needs it
     # The step that depends on both ran only once both results were stored.
     seen = final["steps"]["check"]["result"]
@@ -252,7 +252,7 @@ def test_a_workflow_survives_its_coordinator_killed_with_no_step_run_twice(
             client = FailoverClient(Registry(redis_client({"url": redis_url})))
             final = wait_end(client, workflow_id)
             resumed = engine_of(survivor).stats.snapshot()[0]["resumed"]
-            owners = state.smembers("agentlink:workflows:owners")
+            owners = state.smembers(OWNERS)
     assert final["state"] == "succeeded", final
     assert final["owner"] == "RequestCoordinator-2"
     assert resumed == 1
