@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import statistics
 import sys
@@ -42,6 +41,7 @@ import yaml
 from docs_section import write_section
 from ha import lab_sentinels
 from keymetrics import machine
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentlink.runtime.client import FailoverClient, operator_registry
 from agentlink.runtime.registry import REDIS_ERRORS, redis_client
@@ -57,7 +57,7 @@ CUT_S = 15.0
 ENDED = ("succeeded", "failed")
 # How long one wait for a workflow's end blocks in Redis: below the client's socket timeout.
 WAIT_S = 0.4
-THROTTLED = re.compile(r"^agentlink_workflow_agents_throttled (\S+)$", re.MULTILINE)
+THROTTLED = "agentlink_workflow_agents_throttled"  # a coordinator's gauge
 
 
 class Tracker:
@@ -166,9 +166,12 @@ class Measured:
         while not self._stop.wait(0.5):
             throttled = 0.0
             for url in self.metrics:
-                with contextlib.suppress(OSError):
-                    text = urllib.request.urlopen(url, timeout=2).read().decode()
-                    throttled += sum(float(v) for v in THROTTLED.findall(text))
+                with contextlib.suppress(OSError), \
+                        urllib.request.urlopen(url, timeout=2) as response:
+                    throttled += sum(
+                        sample.value
+                        for family in text_string_to_metric_families(response.read().decode())
+                        if family.name == THROTTLED for sample in family.samples)
             self.samples.append(throttled > 0)
 
     def figures(self) -> dict[str, float]:
