@@ -72,7 +72,8 @@ def test_an_unreachable_machine_stops_the_run_everywhere(tmp_path: Path) -> None
 def test_a_real_machine_that_has_its_docker_packages_gets_no_apt_run(tmp_path: Path) -> None:
     """The preflight asks dpkg which packages a real machine lacks and runs apt only for those:
     a machine that has them all needs no mirror. This machine stands in for one, asked about
-    two packages every Debian has."""
+    two packages every Debian has. Its dockerd runs (the unit tests need it), so the engine
+    is not started either."""
     hosts = {"all": {"children": {"machines": {"hosts": {"m1": {
         "agentlink_lab": False, "ansible_python_interpreter": sys.executable}}}}}}
     result = playbook("playbooks/preflight.yml", lab_inventory(tmp_path, hosts),
@@ -80,3 +81,5 @@ def test_a_real_machine_that_has_its_docker_packages_gets_no_apt_run(tmp_path: P
     assert result.returncode == 0, result.stdout[-3000:]
     install = result.stdout.split("TASK [Install the missing ones]")[1].split("TASK [")[0]
     assert "skipping: [m1]" in install, install
+    start = result.stdout.split("TASK [Start the Docker engine")[1].split("TASK [")[0]
+    assert "skipping: [m1]" in start, start
