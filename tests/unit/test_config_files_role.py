@@ -78,3 +78,12 @@ def test_a_write_notifies_the_handlers_and_no_write_does_not(tmp_path: Path) -> 
     again = run_role(tmp_path, {"app.conf": "level 1\n"}, secret=False, **notify)
     assert changed(again) == 0
     assert "RUNNING HANDLER" not in again.stdout
+    assert "item=app.conf" not in again.stdout  # nothing to write: no file looped over
+
+
+def test_a_file_whose_mode_drifted_is_written_again(tmp_path: Path) -> None:
+    run_role(tmp_path, {"app.conf": "level 1\n"}, secret=False)
+    (tmp_path / "out" / "app.conf").chmod(0o600)
+    run = run_role(tmp_path, {"app.conf": "level 1\n"}, secret=False)
+    assert changed(run) == 1
+    assert oct((tmp_path / "out" / "app.conf").stat().st_mode & 0o777) == "0o440"
